@@ -1,0 +1,146 @@
+"""Lightning DataModule: tokenised splits cached on disk, dynamically padded batches."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+from blurbtune import __version__
+from blurbtune.data import SPLITS, Split, read_splits
+from blurbtune.models import tokenizer_fingerprint
+from blurbtune.tasks import task_type
+
+META = ("example_idx", "word_offset")
+
+
+def encode_split(split: Split, tokenizer: Any, task: Any,
+                 cache_dir: Path | None) -> tuple[datasets.Dataset, bool]:
+    """Tokenise one split, or load it from the cache keyed on data, tokenizer, task and length.
+
+    Returns the dataset and whether it came from the cache.
+    """
+    kind = task_type(task.type)
+    examples = split.examples
+    key = hashlib.sha256(json.dumps({
+        "data": split.sha256, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "task": task.name, "type": task.type, "max_length": int(task.max_length),
+        "labels": list(task.labels) if task.get("labels") is not None else None,
+        "n": len(examples), "blurbtune": __version__, "code": _encoder_code_hash(kind),
+    }, sort_keys=True).encode()).hexdigest()[:20]
+    target = cache_dir / f"{task.name}-{split.name}-{key}" if cache_dir else None
+    if target is not None and (target / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(target)), True
+    columns = {k: [ex.get(k) for ex in examples] for k in examples[0]}
+    columns["example_idx"] = list(range(len(examples)))
+    raw = datasets.Dataset.from_dict(columns)
+    enc = raw.map(kind.encode, batched=True, remove_columns=raw.column_names,
+                  fn_kwargs={"tokenizer": tokenizer, "task": task},
+                  desc=f"Tokenising {task.name}/{split.name}")
+    if target is None:
+        return enc, False
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    enc.save_to_disk(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another run of the sweep saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target)), False
+
+
+def _encoder_code_hash(kind: Any) -> str:
+    """Hash of the source of the task type's encoder, so a code change invalidates the cache."""
+    src = "".join(inspect.getsource(cls) for cls in type(kind).__mro__ if cls is not object)
+    return hashlib.sha256(src.encode()).hexdigest()[:12]
+
+
+class Collator:
+    """Pads to the longest sequence in the batch; carries the bookkeeping columns along."""
+
+    def __init__(self, tokenizer: Any, head: str) -> None:
+        self.inner = (DataCollatorForTokenClassification(tokenizer) if head == "token"
+                      else DataCollatorWithPadding(tokenizer))
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        meta = {k: torch.tensor([f.pop(k) for f in features]) for k in META if k in features[0]}
+        batch = dict(self.inner(features))
+        batch.update(meta)
+        return batch
+
+
+class BlurbDataModule(pl.LightningDataModule):
+    """Reads the task's splits, tokenises them once (cached), and serves padded batches."""
+
+    def __init__(self, task: Any, tokenizer: Any, data_dir: str, batch_size: int,
+                 eval_batch_size: int, cache_dir: str | None = None, num_workers: int = 0,
+                 data_seed: int = 0, max_train_examples: int | None = None,
+                 max_eval_examples: int | None = None) -> None:
+        super().__init__()
+        self.task, self.tokenizer, self.data_dir = task, tokenizer, data_dir
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.num_workers, self.data_seed = num_workers, data_seed
+        self.limits = {"train": max_train_examples, "dev": max_eval_examples,
+                       "test": max_eval_examples}
+        self.kind = task_type(task.type)
+        self.splits: dict[str, Split] = {}
+        self.encoded: dict[str, datasets.Dataset] = {}
+        self.timing: dict[str, float] = {}
+        self.from_cache: dict[str, bool] = {}
+
+    def prepare(self) -> None:
+        """Read and tokenise every split (idempotent); called before training starts."""
+        if self.encoded:
+            return
+        t0 = time.perf_counter()
+        self.splits = read_splits(self.task, self.data_dir)
+        for name in SPLITS:
+            limit = self.limits[name]
+            if limit:
+                self.splits[name].examples = self.splits[name].examples[:limit]
+        self.timing["read_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for name, split in self.splits.items():
+            self.encoded[name], self.from_cache[name] = encode_split(
+                split, self.tokenizer, self.task, self.cache_dir)
+        self.timing["tokenise_s"] = time.perf_counter() - t0
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def examples(self, split: str) -> list[dict]:
+        return self.splits[split].examples
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.encoded[split].with_format(None)
+        if train:
+            gen = torch.Generator().manual_seed(int(self.data_seed))
+            sampler = RandomSampler(ds, generator=gen)
+        else:
+            sampler = SequentialSampler(ds)
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=sampler, collate_fn=Collator(self.tokenizer, self.kind.head),
+                          num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("dev", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,138 @@
+"""LightningModule: thin glue between a `transformers` model, its optimizer groups and a metric."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from blurbtune.errors import DivergedError
+from blurbtune.metrics import METRICS
+from blurbtune.tasks import Rows, task_type
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def metric_args(task: Any, preds: list, gold: list) -> tuple[list, list, dict]:
+    """Arguments of the task's metric function for predictions and gold in index form."""
+    labels = list(task.labels) if task.get("labels") is not None else None
+    if task.metric in ("entity_f1", "pico_f1"):
+        return [[labels[t] for t in g] for g in gold], [[labels[t] for t in p] for p in preds], {}
+    if task.metric == "relation_f1":
+        return gold, preds, {"negative": labels.index(str(task.negative_label))}
+    return gold, preds, {}
+
+
+def score(task: Any, preds: list, gold: list) -> float:
+    """The task's metric (a fraction) for predictions and gold in index form."""
+    g, p, kw = metric_args(task, preds, gold)
+    return float(METRICS[str(task.metric)](g, p, **kw))
+
+
+class FineTuner(pl.LightningModule):
+    """Fine-tunes `model`; evaluation gathers row outputs and scores whole splits."""
+
+    def __init__(self, model: torch.nn.Module, task: Any, param_groups: list[dict],
+                 optimizer_factory: Callable, warmup_ratio: float,
+                 examples: Callable[[str], list[dict]]) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+        self.kind = task_type(task.type)
+        self.param_groups = param_groups
+        self.optimizer_factory, self.warmup_ratio = optimizer_factory, warmup_ratio
+        self.examples = examples
+        self._rows: dict[str, list] = {}
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict] = []
+        self.outputs: dict[str, dict] = {}  # split -> {"preds", "score"} of the latest evaluation
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        if not torch.isfinite(loss):
+            raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}"
+                                f", step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _gather(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        logits = self(batch).logits.detach().float().cpu()
+        rows = self._rows.setdefault(split, [])
+        mask = batch["attention_mask"].bool().cpu()
+        labels = batch["labels"].cpu()
+        offsets = batch.get("word_offset")
+        for i, idx in enumerate(batch["example_idx"].tolist()):
+            if self.kind.head == "token":
+                rows.append((idx, logits[i][mask[i]], labels[i][mask[i]],
+                             int(offsets[i]) if offsets is not None else 0))
+            else:
+                rows.append((idx, logits[i], labels[i], 0))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._gather("dev", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._gather("test", batch)
+
+    def evaluate_rows(self, split: str) -> dict:
+        """Decode the gathered rows of `split` into predictions and score them."""
+        raw = self._rows.pop(split, [])
+        rows = Rows([r[0] for r in raw], [r[1] for r in raw], [r[2] for r in raw],
+                    [r[3] for r in raw])
+        examples = self.examples(split)
+        preds = self.kind.decode(rows, examples)
+        gold = [ex["gold"] for ex in examples]
+        out = {"preds": preds, "score": score(self.task, preds, gold),
+               "lost_words": getattr(self.kind, "lost_words", 0)}
+        self.outputs[split] = out
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._rows.pop("dev", None)
+            return
+        out = self.evaluate_rows("dev")
+        self.log(f"dev/{self.task.metric}", out["score"], prog_bar=True)
+        self.history.append({"epoch": self.current_epoch, "dev": out["score"]})
+        if out["score"] > self.best_score:
+            self.best_score, self.best_epoch = out["score"], self.current_epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True)
+                               for k, v in self.model.state_dict().items()}
+            self.best_dev = out
+
+    def on_test_epoch_end(self) -> None:
+        out = self.evaluate_rows("test")
+        self.log(f"test/{self.task.metric}", out["score"])
+
+    def configure_optimizers(self) -> Any:
+        groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                  for g in self.param_groups]
+        optimizer = self.optimizer_factory(groups)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(round(self.warmup_ratio * total)), total)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["blurbtune"] = {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                                   "best_state": self.best_state, "history": self.history,
+                                   "best_dev": getattr(self, "best_dev", None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("blurbtune", {})
+        self.best_score = state.get("best_score", -math.inf)
+        self.best_epoch = state.get("best_epoch", -1)
+        self.best_state = state.get("best_state")
+        self.history = state.get("history", [])
+        if state.get("best_dev") is not None:
+            self.best_dev = state["best_dev"]

@@ -1,0 +1,245 @@
+"""One fine-tuning run, from a composed config to a run folder.
+
+The folder holds `.hydra/` (Hydra writes it), `param_groups.json`, `results.json`,
+`predictions/{dev,test,test_last}.jsonl`, `metrics.csv` (Lightning's CSV log) and, with
+`save_model=true`, `model/`. A run whose `results.json` says completed is not run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from blurbtune import stabilizers
+from blurbtune.datamodule import BlurbDataModule
+from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
+from blurbtune.io import read_json, write_json, write_jsonl
+from blurbtune.models import load_model, load_tokenizer
+from blurbtune.module import FineTuner, score
+from blurbtune.reproducibility import enable_determinism, resolve_seeds, seed_all
+
+log = logging.getLogger("blurbtune")
+
+KNOBS = {"freeze": {"layers", "embeddings"}, "llrd": {"decay"}, "reinit": {"layers", "pooler"}}
+STABILIZER_NAMES = {"freeze": "freeze_lower", "llrd": "llrd", "reinit": "reinit_top"}
+
+
+def stabilizer_name(stab: Any) -> str:
+    """`none`, or the active stabilizers joined by `+` in a fixed order."""
+    names = [STABILIZER_NAMES[k] for k in KNOBS if stab and k in stab]
+    return "+".join(names) or "none"
+
+
+def stabilizer_knobs(stab: Any) -> dict[str, Any]:
+    if not stab:
+        return {}
+    return {f"{k}.{knob}": stab[k][knob] for k in KNOBS if k in stab for knob in sorted(stab[k])}
+
+
+def check_stabilizer(stab: Any) -> None:
+    """Unknown stabilizer sections or knobs are errors, named with their key."""
+    for section in stab or {}:
+        if section not in KNOBS:
+            raise ConfigError(f"stabilizer.{section} is not a stabilizer; known: {sorted(KNOBS)}")
+        for knob in stab[section] or {}:
+            if knob not in KNOBS[section]:
+                raise ConfigError(f"stabilizer.{section}.{knob} is not a knob of {section}; "
+                                  f"known: {sorted(KNOBS[section])}")
+
+
+def apply_stabilizers(model: torch.nn.Module, stab: Any, lr: float, weight_decay: float,
+                      init_seed: int) -> tuple[list[dict], list[str], list[str]]:
+    """Freeze, re-initialise and build (LLRD) optimizer groups as the config asks."""
+    check_stabilizer(stab)
+    stab = stab or {}
+    frozen: list[str] = []
+    reinit: list[str] = []
+    if "freeze" in stab:
+        frozen = stabilizers.freeze_lower_layers(
+            model, int(stab.freeze.layers), embeddings=bool(stab.freeze.get("embeddings", True)))
+    if "reinit" in stab:
+        gen = torch.Generator().manual_seed(int(init_seed))
+        reinit = stabilizers.reinit_top_layers(
+            model, int(stab.reinit.layers), pooler=bool(stab.reinit.get("pooler", True)),
+            generator=gen)
+    decay = float(stab.llrd.decay) if "llrd" in stab else 1.0
+    groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
+    return groups, frozen, reinit
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("run_dir") or "outputs/runs/adhoc")
+
+
+def _identity(cfg: DictConfig, seeds: dict) -> dict:
+    return {
+        "task": cfg.task.name, "task_type": cfg.task.type, "dataset": cfg.task.folder,
+        "model": cfg.model.name,
+        "model_name_or_path": cfg.model.get("name_or_path") or "(built in code)",
+        "stabilizer": stabilizer_name(cfg.stabilizer),
+        "stabilizer_knobs": stabilizer_knobs(cfg.stabilizer),
+        **seeds,
+        "lr": float(cfg.optimizer.lr), "batch_size": int(cfg.task.batch_size),
+        "max_epochs": int(cfg.trainer.max_epochs), "metric": cfg.task.metric,
+    }
+
+
+def run(cfg: DictConfig) -> float:
+    """Run (or skip, when already completed) one fine-tuning; return the best dev score."""
+    out = _output_dir(cfg)
+    results_path = out / "results.json"
+    previous = read_json(results_path)
+    if previous and previous.get("status") == "completed" and not cfg.get("dry_run"):
+        log.info("already completed, skipping: %s", out)
+        return float(previous["dev"]["best"])
+    seeds = resolve_seeds(cfg.seed, cfg.get("data_seed"), cfg.get("init_seed"))
+    identity = _identity(cfg, seeds)
+    identity.update(run_dir=str(out), overrides=_overrides())
+    started = time.time()
+    try:
+        result = _train(cfg, out, seeds, identity)
+    except (Exception, KeyboardInterrupt) as e:
+        status = "diverged" if isinstance(e, DivergedError) else (
+            "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        (out / "error.log").write_text(traceback.format_exc())
+        if not cfg.get("dry_run"):
+            write_json(results_path, {"status": status, "error": f"{type(e).__name__}: {e}",
+                                      **identity, "train_time_s": time.time() - started})
+        if isinstance(e, KeyboardInterrupt) or not _in_multirun():
+            raise
+        log.error("run %s %s: %s (recorded in %s; the sweep goes on)", out.name, status, e,
+                  results_path)
+        return math.nan
+    return result
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
+    task = cfg.task
+    flags = enable_determinism(bool(cfg.deterministic))
+    seed_all(seeds["seed"])
+    tokenizer = load_tokenizer(cfg.model, task)
+    dm = BlurbDataModule(
+        task, tokenizer, cfg.data_dir, batch_size=int(task.batch_size),
+        eval_batch_size=int(cfg.data.eval_batch_size), cache_dir=cfg.data.cache_dir,
+        num_workers=int(cfg.data.num_workers), data_seed=seeds["data_seed"],
+        max_train_examples=cfg.data.get("max_train_examples"),
+        max_eval_examples=cfg.data.get("max_eval_examples"))
+    dm.prepare()
+
+    seed_all(seeds["init_seed"])
+    model = load_model(cfg.model, task, tokenizer)
+    groups, frozen, reinit = apply_stabilizers(
+        model, cfg.stabilizer, float(cfg.optimizer.lr), float(cfg.optimizer.weight_decay),
+        seeds["init_seed"])
+    rows = stabilizers.describe_param_groups(model, groups, frozen, reinit)
+    write_json(out / "param_groups.json", {**identity, "groups": rows})
+    print(stabilizers.format_param_table(rows))
+    if cfg.get("dry_run"):
+        print(f"dry run: nothing trained; the table is in {out / 'param_groups.json'}")
+        return math.nan
+
+    write_json(out / "results.json", {"status": "running", **identity})
+    seed_all(seeds["seed"])
+    module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
+                       float(cfg.optimizer.warmup_ratio), dm.examples)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=_logger(out))
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    train_time = time.perf_counter() - t0
+
+    trainer.test(module, datamodule=dm, verbose=False)
+    test_last = module.outputs["test"]
+    dev_last = module.history[-1]["dev"] if module.history else math.nan
+    if module.best_state is not None:
+        module.model.load_state_dict(module.best_state)
+    trainer.test(module, datamodule=dm, verbose=False)
+    test_best = module.outputs["test"]
+    dev_best = module.best_dev
+
+    kind = dm.kind
+    gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
+    baseline = {s: score(task, kind.constant_predictions(gold["train"], gold[s], task), gold[s])
+                for s in ("dev", "test")}
+    collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
+                 "test": kind.collapsed(test_best["preds"], task)}
+    _write_predictions(out / "predictions", kind, task, dm, dev_best["preds"],
+                       test_best["preds"], test_last["preds"])
+    if cfg.get("save_model"):
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+
+    results = {
+        "status": "completed", "error": None, **identity,
+        "dev": {"best": dev_best["score"], "last": dev_last},
+        "test": {"best": test_best["score"], "last": test_last["score"]},
+        "best_epoch": module.best_epoch,
+        "epochs_run": len(module.history),
+        "history": module.history,
+        "baseline": baseline, "collapsed": collapsed,
+        "n_examples": {s: len(dm.examples(s)) for s in ("train", "dev", "test")},
+        "lost_words": {"dev": dev_best.get("lost_words", 0),
+                       "test": test_best.get("lost_words", 0)},
+        "train_time_s": round(train_time, 3),
+        "data_time_s": {k: round(v, 3) for k, v in dm.timing.items()},
+        "tokenised_from_cache": dm.from_cache,
+        "determinism": flags,
+    }
+    write_json(out / "results.json", results)
+    _print_summary(results, out)
+    return float(dev_best["score"])
+
+
+def _logger(out: Path) -> Any:
+    from pytorch_lightning.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(out), name="", version="")
+
+
+def _write_predictions(folder: Path, kind: Any, task: Any, dm: BlurbDataModule,
+                       dev: list, test: list, test_last: list) -> None:
+    for name, split, preds in (("dev", "dev", dev), ("test", "test", test),
+                               ("test_last", "test", test_last)):
+        write_jsonl(folder / f"{name}.jsonl", (
+            {"id": ex["id"], "gold": kind.to_json(ex["gold"], task),
+             "pred": kind.to_json(p, task)}
+            for ex, p in zip(dm.examples(split), preds, strict=True)))
+
+
+def _print_summary(r: dict, out: Path) -> None:
+    m = r["metric"]
+    print(f"\n{r['task']} / {r['model']} / {r['stabilizer']} / seed {r['seed']}: "
+          f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch']}), "
+          f"last {r['dev']['last']:.4f}; test best {r['test']['best']:.4f}, "
+          f"last {r['test']['last']:.4f} (constant predictor: {r['baseline']['test']:.4f})")
+    if r["collapsed"]["test"] or r["test"]["best"] <= r["baseline"]["test"]:
+        print("WARNING: degenerate run: the test predictions collapsed to a constant or score "
+              "no better than the constant predictor. This run learned nothing usable.")
+    print(f"run folder: {out}")
+
+
+__all__ = ["run", "apply_stabilizers", "stabilizer_name", "BlurbtuneError"]

@@ -1,0 +1,50 @@
+"""Yes/no(/maybe) question answering: PubMedQA (JSON) and BioASQ 7b (tsv).
+
+Input is `[CLS] question [SEP] context [SEP]`; only the context is truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from blurbtune.errors import DataError
+from blurbtune.tasks.base import Example, SequenceTask, label_index, read_tsv, register
+
+
+@register("qa")
+class QuestionAnswering(SequenceTask):
+    truncation = "only_second"
+
+    def read(self, path: Path, task: Any) -> list[Example]:
+        if task.get("format") == "pubmedqa_json":
+            return _read_pubmedqa(path, task)
+        return [
+            {"id": row[0], "text": row[1], "text_pair": row[2],
+             "gold": label_index(task, row[3].strip(), path, line)}
+            for line, row in read_tsv(path, 4, None)
+        ]
+
+
+def _read_pubmedqa(path: Path, task: Any) -> list[Example]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON: {e.msg}", e.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError(path, "expected a JSON object {pmid: {QUESTION, CONTEXTS, ...}}")
+    examples = []
+    for pmid, item in data.items():
+        missing = [k for k in ("QUESTION", "CONTEXTS", "final_decision") if k not in item]
+        if missing:
+            raise DataError(path, f"entry {pmid!r} lacks {missing}; expected QUESTION, "
+                                  "CONTEXTS and final_decision")
+        decision = str(item["final_decision"])
+        if decision not in task.labels:
+            raise DataError(path, f"entry {pmid!r}: unknown final_decision {decision!r}; "
+                                  f"expected one of {list(task.labels)}")
+        examples.append({"id": str(pmid), "text": item["QUESTION"],
+                         "text_pair": " ".join(item["CONTEXTS"]),
+                         "gold": list(task.labels).index(decision)})
+    return examples
