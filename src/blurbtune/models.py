@@ -58,7 +58,8 @@ def load_tokenizer(model_cfg: Any, task: Any) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(name, **(model_cfg.get("tokenizer_kwargs") or {}))
     except OSError as e:
-        raise ConfigError(f"could not load a tokenizer from {name!r}: {str(e).splitlines()[0]}")
+        raise ConfigError(
+            f"could not load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
     markers = list(task.get("markers") or [])
     if markers:
         tok.add_tokens(markers, special_tokens=True)
