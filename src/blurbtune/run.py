@@ -23,7 +23,7 @@ from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl
 from blurbtune.models import load_model, load_tokenizer
-from blurbtune.module import FineTuner, score
+from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import enable_determinism, resolve_seeds, seed_all
 
 log = logging.getLogger("blurbtune")
@@ -183,8 +183,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
 
     kind = dm.kind
     gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
-    baseline = {s: score(task, kind.constant_predictions(gold["train"], gold[s], task), gold[s])
-                for s in ("dev", "test")}
+    floor = {s: baseline(task, gold["train"], gold[s]) for s in ("dev", "test")}
     collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
                  "test": kind.collapsed(test_best["preds"], task)}
     _write_predictions(out / "predictions", kind, task, dm, dev_best["preds"],
@@ -200,7 +199,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "best_epoch": module.best_epoch,
         "epochs_run": len(module.history),
         "history": module.history,
-        "baseline": baseline, "collapsed": collapsed,
+        "baseline": floor, "collapsed": collapsed,
         "n_examples": {s: len(dm.examples(s)) for s in ("train", "dev", "test")},
         "lost_words": {"dev": dev_best.get("lost_words", 0),
                        "test": test_best.get("lost_words", 0)},

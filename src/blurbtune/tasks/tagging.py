@@ -110,11 +110,6 @@ class Tagging(TaskType):
     def to_json(self, value: Any, task: Any) -> Any:
         return [task.labels[t] for t in value]
 
-    def constant_predictions(self, train_gold: list[Any], gold: list[Any], task: Any) -> list:
-        """All words tagged O: the constant predictor of a tagging task."""
-        outside = list(task.labels).index("O")
-        return [[outside] * len(g) for g in gold]
-
     def collapsed(self, preds: list[Any], task: Any) -> bool:
         """True when no word of the split is tagged anything but O."""
         outside = list(task.labels).index("O")
