@@ -84,9 +84,10 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
     ``model_type`` or for base-model parameters the family map does not place, so a new
     architecture cannot silently land in the wrong learning-rate group.
 
-    >>> parts = encoder_parts(model)                    # doctest: +SKIP
-    >>> parts.layers[-1][0], parts.head_prefixes        # doctest: +SKIP
-    ('bert.encoder.layer.11', ['classifier'])
+    Example::
+
+        parts = encoder_parts(model)  # a BertForSequenceClassification
+        # parts.layers[-1][0] == "bert.encoder.layer.11", parts.head_prefixes == ["classifier"]
     """
     family_name, family = _family_of(model)
     base = getattr(model, "base_model", model)
