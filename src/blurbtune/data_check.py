@@ -48,7 +48,8 @@ def check(data_dir: str | Path) -> list[SplitCheck]:
             except DataError as e:
                 out.append(SplitCheck(name, split, expected, None, f"error: {e}"))
                 continue
-            out.append(SplitCheck(name, split, expected, task_type(task.type).count(examples, task)))
+            found = task_type(task.type).count(examples, task)
+            out.append(SplitCheck(name, split, expected, found))
     return out
 
 
