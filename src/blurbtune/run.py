@@ -165,6 +165,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
 
     write_json(out / "results.json", {"status": "running", **identity})
     seed_all(seeds["seed"])
+    model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=_logger(out))

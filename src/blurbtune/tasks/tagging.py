@@ -22,7 +22,7 @@ def read_conll(path: Path, task: Any) -> list[Example]:
     examples: list[Example] = []
     words: list[str] = []
     tags: list[int] = []
-    doc, sent = "", 0
+    doc, sent, docs = "", 0, 0
 
     def flush() -> None:
         nonlocal words, tags, sent
@@ -40,8 +40,9 @@ def read_conll(path: Path, task: Any) -> list[Example]:
                 continue
             if line.startswith("-DOCSTART-"):
                 flush()
-                rest = line[len("-DOCSTART-"):].strip().split("\t")[0].strip("() ")
-                doc, sent = (f"{rest}_" if rest else f"doc{len(examples)}_"), 0
+                pmid = line.split("\t")[0][len("-DOCSTART-"):].strip("() ")
+                docs += 1
+                doc, sent = f"{pmid or f'doc{docs}'}_", 0
                 continue
             fields = line.split("\t")
             if len(fields) != 2 or not fields[0]:
