@@ -120,7 +120,8 @@ def workdir(tmp_path):
 
 def _write_biosses(root: Path) -> Path:
     rng = random.Random(0)
-    words = "kinase tumour gene cell protein mutation expression receptor pathway".split()
+    words = ["kinase", "tumour", "gene", "cell", "protein", "mutation", "expression",
+             "receptor", "pathway"]
     folder = root / "BIOSSES"
     folder.mkdir(parents=True)
     for split, n in (("train", 24), ("dev", 8), ("test", 8)):

@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from blurbtune.models import minilm_path, package_path
 
-
 MAX_DIRNAME_BYTES = 200  # file systems allow 255 bytes per name; leave room for temp files
 
 
