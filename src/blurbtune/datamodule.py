@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import multiprocessing as mp
 import shutil
 import time
 import uuid
@@ -79,6 +80,17 @@ class Collator:
         return batch
 
 
+def worker_context(num_workers: int) -> str | None:
+    """Start method for DataLoader workers: the platform's own (None: torch's default).
+
+    Inside a joblib worker (`hydra/launcher=joblib`) the default context is loky's, which
+    cannot start DataLoader workers; name the platform's method explicitly there.
+    """
+    if num_workers == 0 or mp.get_start_method(allow_none=True) in mp.get_all_start_methods():
+        return None
+    return mp.get_all_start_methods()[0]
+
+
 class BlurbDataModule(pl.LightningDataModule):
     """Reads the task's splits, tokenises them once (cached), and serves padded batches."""
 
@@ -134,7 +146,8 @@ class BlurbDataModule(pl.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, collate_fn=Collator(self.tokenizer, self.kind.head),
                           num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          multiprocessing_context=worker_context(self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

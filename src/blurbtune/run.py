@@ -102,8 +102,12 @@ def run(cfg: DictConfig) -> float:
     results_path = out / "results.json"
     previous = read_json(results_path)
     if previous and previous.get("status") == "completed" and not cfg.get("dry_run"):
-        log.info("already completed, skipping: %s", out)
+        log.info("already completed, skipping (delete its results.json to run it again): %s",
+                 out)
         return float(previous["dev"]["best"])
+    if previous:
+        log.info("previous attempt %s; running again: %s", previous.get("status"), out)
+    (out / "error.log").unlink(missing_ok=True)
     seeds = resolve_seeds(cfg.seed, cfg.get("data_seed"), cfg.get("init_seed"))
     identity = _identity(cfg, seeds)
     identity.update(run_dir=str(out), overrides=_overrides())
@@ -119,10 +123,20 @@ def run(cfg: DictConfig) -> float:
                                       **identity, "train_time_s": time.time() - started})
         if isinstance(e, KeyboardInterrupt) or not _in_multirun():
             raise
+        _release_memory()
         log.error("run %s %s: %s (recorded in %s; the sweep goes on)", out.name, status, e,
                   results_path)
         return math.nan
     return result
+
+
+def _release_memory() -> None:
+    """Give a failed run's GPU memory back before the sweep's next run in this process."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _in_multirun() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import hydra
@@ -14,10 +15,16 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def _main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float | None:
+    """The run's best dev score, for sweepers; None when the run failed or trained nothing.
+
+    None rather than NaN: the optuna sweeper marks a trial that returns None as failed, while
+    a NaN makes optuna 2.x raise inside the sweeper and end the whole search.
+    """
     from blurbtune.run import run
 
-    return run(cfg)
+    score = run(cfg)
+    return None if math.isnan(score) else score
 
 
 def main() -> None:
