@@ -15,7 +15,7 @@ MAX_DIRNAME_BYTES = 200  # file systems allow 255 bytes per name; leave room for
 def dirname(overrides: str) -> str:
     """A folder name from Hydra's override string: readable, stable, unique, one path component.
 
-    Path separators and whitespace become `_`; when that changed the string, or the name is
+    Path separators, quotes and whitespace become `_`; when that changed the string, or the name is
     too long for a file system, a short hash of the full override string is appended, so
     `model.name_or_path=a/b` and `model.name_or_path=a_b` still get different folders.
 
@@ -24,7 +24,7 @@ def dirname(overrides: str) -> str:
     >>> dirname("model.name_or_path=/m/bert")
     'model.name_or_path=_m_bert-75075418'
     """
-    name = re.sub(r"[/\\\s]+", "_", overrides).strip("_.")
+    name = re.sub(r"""[/\\\s'"]+""", "_", overrides).strip("_.")
     if name == overrides and len(name.encode()) <= MAX_DIRNAME_BYTES:
         return name or "default"
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
