@@ -84,7 +84,8 @@ def test_stabilizers_compose_with_overridable_knobs() -> None:
 
 def test_run_folder_names_come_from_overrides() -> None:
     assert dirname("seed=0,stabilizer=llrd") == "seed=0,stabilizer=llrd"
-    assert dirname("model.name_or_path=/a/b,seed=1") == "model.name_or_path=_a_b,seed=1"
+    assert dirname("model.name_or_path=/a/b,seed=1").startswith("model.name_or_path=_a_b,seed=1-")
+    assert dirname("model.name_or_path='/a/b',seed=1") != dirname("model.name_or_path=/a/b,seed=1")
     assert dirname("") == "default"
     cfg = compose(["seed=3", "stabilizer=llrd"])
     assert cfg.hydra.sweep.dir == "outputs/multirun/pubmedbert-biosses"
