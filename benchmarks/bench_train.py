@@ -152,7 +152,7 @@ def hf_encode(examples: list[dict], tokenizer: Any, task: Any, pad: bool) -> Any
                 labels.append(row)
             enc["labels"] = labels
             return enc
-        columns = {"words": [ex["words"] for ex in examples], "gold": [ex["gold"] for ex in examples]}
+        columns = {k: [ex[k] for ex in examples] for k in ("words", "gold")}
     else:
         def encode(batch: dict) -> dict:
             pair = batch.get("text_pair")
@@ -194,12 +194,15 @@ def run_hf(args: argparse.Namespace, pad: bool) -> dict:
     model = load_model(cfg.model, task, tokenizer)
     token = task.type in ("ner", "pico")
     collator = default_data_collator if pad else (
-        DataCollatorForTokenClassification(tokenizer) if token else DataCollatorWithPadding(tokenizer))
+        DataCollatorForTokenClassification(tokenizer) if token
+        else DataCollatorWithPadding(tokenizer))
     gpu = _device() == "cuda"
     targs = TrainingArguments(
-        output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=int(task.batch_size),
+        output_dir=str(Path(args.workdir) / "hf"),
+        per_device_train_batch_size=int(task.batch_size),
         per_device_eval_batch_size=int(task.batch_size), learning_rate=float(cfg.optimizer.lr),
-        weight_decay=float(cfg.optimizer.weight_decay), warmup_steps=float(cfg.optimizer.warmup_ratio),
+        weight_decay=float(cfg.optimizer.weight_decay),
+        warmup_steps=float(cfg.optimizer.warmup_ratio),
         max_grad_norm=float(cfg.optimizer.gradient_clip_val), num_train_epochs=args.epochs,
         eval_strategy="epoch", save_strategy="no", logging_steps=10, report_to="none",
         seed=args.seed, use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),
@@ -228,7 +231,7 @@ def run_hf(args: argparse.Namespace, pad: bool) -> dict:
     trainer.train()
     fit_s = time.perf_counter() - t1
     t2 = time.perf_counter()
-    test = trainer.predict(data["test"])
+    trainer.predict(data["test"])
     test_s = time.perf_counter() - t2
     dev_evals = [h for h in trainer.state.log_history if "eval_runtime" in h]
     eval_s = sum(h["eval_runtime"] for h in dev_evals) + test_s
@@ -239,7 +242,8 @@ def run_hf(args: argparse.Namespace, pad: bool) -> dict:
                                     "eval_steps_per_second", "epoch")), None) if dev_evals else None
     return {
         "train_examples": n_train * args.epochs, "train_tokens": tokens * args.epochs,
-        "train_s": timer.train_s, "eval_examples": len(data["dev"]) * len(dev_evals) + len(data["test"]),
+        "train_s": timer.train_s,
+        "eval_examples": len(data["dev"]) * len(dev_evals) + len(data["test"]),
         "eval_s": eval_s, "data_s": data_s, "fit_and_eval_s": fit_s + test_s,
         "parameters": flop_parameters(model),
         "dev_score": dev_score,
@@ -324,7 +328,8 @@ def run_blurbtune(args: argparse.Namespace) -> dict:
         "train_examples": timer.examples, "train_tokens": timer.tokens, "train_s": timer.train_s,
         "eval_examples": timer.eval_examples, "eval_s": timer.eval_s, "data_s": data_s,
         "fit_and_eval_s": wall - data_s, "parameters": timer.parameters,
-        "dev_score": results["dev"]["last"], "tokenised_from_cache": results["tokenised_from_cache"],
+        "dev_score": results["dev"]["last"],
+        "tokenised_from_cache": results["tokenised_from_cache"],
         **_memory()}
 
 
@@ -353,7 +358,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    fn = {"hf-maxpad": lambda: run_hf(args, pad=True), "hf-dynamic": lambda: run_hf(args, pad=False),
+    fn = {"hf-maxpad": lambda: run_hf(args, pad=True),
+          "hf-dynamic": lambda: run_hf(args, pad=False),
           "blurbtune": lambda: run_blurbtune(args), "sweep": lambda: run_sweep(args)}[args.child]
     result = fn()
     result["torch_threads"] = torch.get_num_threads()
@@ -397,7 +403,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['task']} | {r['way']} | {r['train_ex_s']:.1f} | "
             f"{r['train_tok_s']:.0f} | {r['eval_ex_s']:.1f} | {100 * r['mfu']:.2f}% | "
-            f"{r['peak_rss_mb']:.0f} | {r['data_s']:.2f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['data_s']:.2f} | {r['train_s']:.1f} | "
+            f"{r['eval_s']:.1f} | "
             f"{r.get('x_dynamic', 1.0):.2f} | {r.get('x_maxpad', 1.0):.2f} |")
     return "\n".join(lines)
 
