@@ -32,12 +32,21 @@ def dirname(overrides: str) -> str:
     return f"{head}-{digest}"
 
 
+def mixed_precision() -> str:
+    """Lightning's precision for autocast on this GPU: bf16 where supported, else fp16."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+        else "16-mixed"
+
+
 def register_resolvers() -> None:
     """Register blurbtune's resolvers once (idempotent)."""
     for name, fn in {
         "minilm_path": minilm_path,
         "package_path": package_path,
         "dirname": dirname,
+        "mixed_precision": mixed_precision,
         "multiply": lambda a, b: int(a) * int(b),
     }.items():
         if not OmegaConf.has_resolver(name):

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from blurbtune import __version__
 from blurbtune.data import SPLITS, Split, read_splits
@@ -26,16 +27,17 @@ from blurbtune.tasks import task_type
 META = ("example_idx", "word_offset")
 
 
-def encode_split(split: Split, tokenizer: Any, task: Any,
-                 cache_dir: Path | None) -> tuple[datasets.Dataset, bool]:
+def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None,
+                 fingerprint: str | None = None) -> tuple[datasets.Dataset, bool]:
     """Tokenise one split, or load it from the cache keyed on data, tokenizer, task and length.
 
+    `fingerprint` is `tokenizer_fingerprint(tokenizer)`, when the caller has it already.
     Returns the dataset and whether it came from the cache.
     """
     kind = task_type(task.type)
     examples = split.examples
     key = hashlib.sha256(json.dumps({
-        "data": split.sha256, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": split.sha256, "tokenizer": fingerprint or tokenizer_fingerprint(tokenizer),
         "task": task.name, "type": task.type, "max_length": int(task.max_length),
         "labels": list(task.labels) if task.get("labels") is not None else None,
         "n": len(examples), "blurbtune": __version__, "code": _encoder_code_hash(kind),
@@ -64,6 +66,14 @@ def _encoder_code_hash(kind: Any) -> str:
     """Hash of the source of the task type's encoder, so a code change invalidates the cache."""
     src = "".join(inspect.getsource(cls) for cls in type(kind).__mro__ if cls is not object)
     return hashlib.sha256(src.encode()).hexdigest()[:12]
+
+
+def length_grouped_sampler(ds: datasets.Dataset, batch_size: int,
+                           generator: torch.Generator) -> LengthGroupedSampler:
+    """Random order, then similar lengths batched together (less padding); seeded by
+    `generator`, so the order is the same for the same data seed and differs each epoch."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    return LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
 
 
 class Collator:
@@ -97,12 +107,13 @@ class BlurbDataModule(pl.LightningDataModule):
     def __init__(self, task: Any, tokenizer: Any, data_dir: str, batch_size: int,
                  eval_batch_size: int, cache_dir: str | None = None, num_workers: int = 0,
                  data_seed: int = 0, max_train_examples: int | None = None,
-                 max_eval_examples: int | None = None) -> None:
+                 max_eval_examples: int | None = None, group_by_length: bool = False) -> None:
         super().__init__()
         self.task, self.tokenizer, self.data_dir = task, tokenizer, data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.num_workers, self.data_seed = num_workers, data_seed
+        self.group_by_length = group_by_length
         self.limits = {"train": max_train_examples, "dev": max_eval_examples,
                        "test": max_eval_examples}
         self.kind = task_type(task.type)
@@ -125,9 +136,10 @@ class BlurbDataModule(pl.LightningDataModule):
         t0 = time.perf_counter()
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
         for name, split in self.splits.items():
             self.encoded[name], self.from_cache[name] = encode_split(
-                split, self.tokenizer, self.task, self.cache_dir)
+                split, self.tokenizer, self.task, self.cache_dir, fingerprint)
         self.timing["tokenise_s"] = time.perf_counter() - t0
 
     def setup(self, stage: str | None = None) -> None:
@@ -140,7 +152,8 @@ class BlurbDataModule(pl.LightningDataModule):
         ds = self.encoded[split].with_format(None)
         if train:
             gen = torch.Generator().manual_seed(int(self.data_seed))
-            sampler = RandomSampler(ds, generator=gen)
+            sampler = (length_grouped_sampler(ds, self.batch_size, gen) if self.group_by_length
+                       else RandomSampler(ds, generator=gen))
         else:
             sampler = SequentialSampler(ds)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -108,6 +109,11 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # truncation/padding are call-time state that tokenising sets; they do not split text
+        state = json.loads(backend.to_str())
+        spec = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")})
+    else:
+        spec = repr(sorted(tokenizer.get_vocab().items()))
     spec += repr(sorted(tokenizer.special_tokens_map.items())) + type(tokenizer).__name__
     return hashlib.sha256(spec.encode()).hexdigest()[:16]

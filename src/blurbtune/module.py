@@ -43,6 +43,17 @@ def baseline(task: Any, train_gold: list, gold: list) -> float:
                                    to_metric(task, gold), negative_label=_negative(task)))
 
 
+def _all_ranks(raw: list[tuple]) -> list[tuple]:
+    """Under DDP each process evaluated a shard (the sampler repeats a few rows to even them
+    out): gather every shard and keep one row per (example, window)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return raw
+    shards: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, raw)
+    unique = {(r[0], r[3]): r for shard in shards for r in shard}
+    return sorted(unique.values(), key=lambda r: (r[0], r[3]))
+
+
 class FineTuner(pl.LightningModule):
     """Fine-tunes `model`; evaluation gathers row outputs and scores whole splits."""
 
@@ -95,7 +106,7 @@ class FineTuner(pl.LightningModule):
 
     def evaluate_rows(self, split: str) -> dict:
         """Decode the gathered rows of `split` into predictions and score them."""
-        raw = self._rows.pop(split, [])
+        raw = _all_ranks(self._rows.pop(split, []))
         rows = Rows([r[0] for r in raw], [r[1] for r in raw], [r[2] for r in raw],
                     [r[3] for r in raw])
         examples = self.examples(split)

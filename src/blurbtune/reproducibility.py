@@ -42,3 +42,17 @@ def resolve_seeds(seed: int, data_seed: int | None, init_seed: int | None) -> di
         "data_seed": int(seed if data_seed is None else data_seed),
         "init_seed": int(seed if init_seed is None else init_seed),
     }
+
+
+def set_matmul_precision(precision: str | None) -> dict:
+    """Allow TF32 (or bf16) float32 matmuls when asked ("high"/"medium"); None keeps torch's.
+
+    The GPU preset asks for "high": TF32 on Ampere and later, a no-op on CPU.
+    """
+    if precision is not None:
+        if precision not in ("highest", "high", "medium"):
+            raise ValueError(f"trainer.matmul_precision={precision!r}; expected highest, high or "
+                             "medium")
+        torch.set_float32_matmul_precision(precision)
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}

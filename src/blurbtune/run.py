@@ -24,7 +24,12 @@ from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl
 from blurbtune.models import load_model, load_tokenizer
 from blurbtune.module import FineTuner, baseline
-from blurbtune.reproducibility import enable_determinism, resolve_seeds, seed_all
+from blurbtune.reproducibility import (
+    enable_determinism,
+    resolve_seeds,
+    seed_all,
+    set_matmul_precision,
+)
 
 log = logging.getLogger("blurbtune")
 
@@ -155,6 +160,7 @@ def _overrides() -> list[str]:
 def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     task = cfg.task
     flags = enable_determinism(bool(cfg.deterministic))
+    flags.update(set_matmul_precision(cfg.trainer.get("matmul_precision")))
     seed_all(seeds["seed"])
     tokenizer = load_tokenizer(cfg.model, task)
     dm = BlurbDataModule(
@@ -162,7 +168,8 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         eval_batch_size=int(cfg.data.eval_batch_size), cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers), data_seed=seeds["data_seed"],
         max_train_examples=cfg.data.get("max_train_examples"),
-        max_eval_examples=cfg.data.get("max_eval_examples"))
+        max_eval_examples=cfg.data.get("max_eval_examples"),
+        group_by_length=bool(cfg.data.get("group_by_length", False)))
     dm.prepare()
 
     seed_all(seeds["init_seed"])
@@ -182,7 +189,8 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=_logger(out))
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
+    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_time = time.perf_counter() - t0

@@ -87,7 +87,9 @@ def task_type(name: str) -> TaskType:
 
 
 def label_index(task: Any, value: str, path: Path, line: int) -> int:
-    labels = list(task.labels)
+    """Index of `value` in the task's labels; `task` may also be the plain list of labels
+    (readers pass one, built once: reading a config value per token is slow)."""
+    labels = task if isinstance(task, list) else list(task.labels)
     try:
         return labels.index(value)
     except ValueError:

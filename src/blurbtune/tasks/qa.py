@@ -20,9 +20,10 @@ class QuestionAnswering(SequenceTask):
     def read(self, path: Path, task: Any) -> list[Example]:
         if task.get("format") == "pubmedqa_json":
             return _read_pubmedqa(path, task)
+        labels = list(task.labels)
         return [
             {"id": row[0], "text": row[1], "text_pair": row[2],
-             "gold": label_index(task, row[3].strip(), path, line)}
+             "gold": label_index(labels, row[3].strip(), path, line)}
             for line, row in read_tsv(path, 4, None)
         ]
 

@@ -16,7 +16,8 @@ from blurbtune.tasks.base import Example, SequenceTask, label_index, read_tsv, r
 class Relation(SequenceTask):
     def read(self, path: Path, task: Any) -> list[Example]:
         header = ("index", "sentence", "label") if task.get("header") else None
+        labels = list(task.labels)
         return [
-            {"id": row[0], "text": row[1], "gold": label_index(task, row[2].strip(), path, line)}
+            {"id": row[0], "text": row[1], "gold": label_index(labels, row[2].strip(), path, line)}
             for line, row in read_tsv(path, 3, header)
         ]

@@ -23,6 +23,7 @@ def read_conll(path: Path, task: Any) -> list[Example]:
     words: list[str] = []
     tags: list[int] = []
     doc, sent, docs = "", 0, 0
+    labels = list(task.labels)
 
     def flush() -> None:
         nonlocal words, tags, sent
@@ -49,7 +50,7 @@ def read_conll(path: Path, task: Any) -> list[Example]:
                 raise DataError(path, f"expected 'token<TAB>tag', got {len(fields)} column(s): "
                                       f"{line[:60]!r}", line_no)
             words.append(fields[0])
-            tags.append(label_index(task, fields[1].strip(), path, line_no))
+            tags.append(label_index(labels, fields[1].strip(), path, line_no))
     flush()
     return examples
 
