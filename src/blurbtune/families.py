@@ -1,0 +1,126 @@
+"""Where the embeddings, encoder layers and pooler live in each supported model family.
+
+The stabilizers (freezing, re-initialisation, layerwise learning rates) need to know which
+modules of a transformers model are the embeddings, which are the encoder layers (bottom to
+top) and which is the pooler. That knowledge sits in one map, ``FAMILIES``, keyed by
+``model.config.model_type``; adding a family is one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths of one model family, relative to the base model (``model.base_model``).
+
+    Paths that a given configuration does not build (ELECTRA's ``embeddings_project`` when
+    ``embedding_size == hidden_size``, BERT's ``pooler`` under a token-classification head,
+    DeBERTa's ``encoder.LayerNorm`` without ``norm_rel_ebd="layer_norm"``) are skipped.
+    """
+
+    embeddings: tuple[str, ...]
+    layers: str
+    pooler: str | None = None
+
+
+_BERT_LIKE = Family(embeddings=("embeddings",), layers="encoder.layer", pooler="pooler")
+
+FAMILIES: dict[str, Family] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": Family(embeddings=("embeddings", "embeddings_project"), layers="encoder.layer"),
+    # DeBERTa v2/v3: the relative-position table, its LayerNorm and the optional convolution
+    # (conv_kernel_size > 0, which mixes the embedding output into layer 0) are embedding-level.
+    # DeBERTa's ContextPooler sits outside the base model and is freshly initialised for a
+    # task, so it counts as part of the head.
+    "deberta-v2": Family(
+        embeddings=("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm", "encoder.conv"),
+        layers="encoder.layer",
+    ),
+    "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer"),
+}
+
+
+@dataclass
+class EncoderParts:
+    """The parts of one model as ``(qualified name, module)`` pairs from ``named_modules()``."""
+
+    family: str
+    embeddings: list[tuple[str, nn.Module]]
+    layers: list[tuple[str, nn.Module]]  # bottom (index 0) to top
+    pooler: tuple[str, nn.Module] | None
+    head_prefixes: list[str]  # name prefixes of the parameters in none of the parts above
+
+
+def _family_of(model: nn.Module) -> tuple[str, Family]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; blurbtune knows the layers of: "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    return model_type, FAMILIES[model_type]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def encoder_parts(model: nn.Module) -> EncoderParts:
+    """Find the embeddings, encoder layers, pooler and task head of ``model``.
+
+    Works for a bare base model (``AutoModel``) and for any ``AutoModelFor*`` head model of
+    a family in ``FAMILIES``. Assumes the base model is reachable as ``model.base_model``
+    (transformers' ``base_model_prefix``) and raises ``ValueError`` for an unknown
+    ``model_type`` or for base-model parameters the family map does not place, so a new
+    architecture cannot silently land in the wrong learning-rate group.
+
+    Example::
+
+        parts = encoder_parts(model)  # a BertForSequenceClassification
+        # parts.layers[-1][0] == "bert.encoder.layer.11", parts.head_prefixes == ["classifier"]
+    """
+    family_name, family = _family_of(model)
+    base = getattr(model, "base_model", model)
+    base_prefix = next(name for name, module in model.named_modules() if module is base)
+
+    def optional(path: str) -> tuple[str, nn.Module] | None:
+        try:
+            module = base.get_submodule(path)
+        except AttributeError:
+            return None
+        return (_join(base_prefix, path), module) if module is not None else None
+
+    embeddings = [found for path in family.embeddings if (found := optional(path))]
+    layer_list = base.get_submodule(family.layers)
+    layers_prefix = _join(base_prefix, family.layers)
+    layers = [(f"{layers_prefix}.{i}", layer) for i, layer in enumerate(layer_list)]
+    pooler = optional(family.pooler) if family.pooler else None
+
+    placed = [name for name, _ in embeddings] + [layers_prefix]
+    placed += [pooler[0]] if pooler else []
+    head_prefixes: list[str] = []
+    for name, _ in model.named_parameters():
+        if any(_under(name, prefix) for prefix in placed + head_prefixes):
+            continue
+        if base_prefix == "" or _under(name, base_prefix):
+            raise ValueError(
+                f"parameter {name!r} of a {family_name!r} model is in no embeddings/layer/pooler "
+                "entry of blurbtune.families.FAMILIES; add its module there"
+            )
+        head_prefixes.append(name.split(".")[0])
+    return EncoderParts(family_name, embeddings, layers, pooler, head_prefixes)
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of encoder layers of ``model`` (12 for a BERT-base), e.g. ``num_layers(model)``."""
+    return len(encoder_parts(model).layers)
