@@ -14,12 +14,13 @@ from typing import Any
 import datasets
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from blurbtune import __version__
 from blurbtune.data import SPLITS, Split, read_splits
 from blurbtune.models import tokenizer_fingerprint
+from blurbtune.reproducibility import EpochPermutation, seed_worker
 from blurbtune.tasks import task_type
 
 META = ("example_idx", "word_offset")
@@ -98,6 +99,8 @@ class BlurbDataModule(pl.LightningDataModule):
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
         self.from_cache: dict[str, bool] = {}
+        self.train_sampler: EpochPermutation | None = None
+        self._resume_skip = 0
 
     def prepare(self) -> None:
         """Read and tokenise every split (idempotent); called before training starts."""
@@ -127,14 +130,23 @@ class BlurbDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.encoded[split].with_format(None)
         if train:
-            gen = torch.Generator().manual_seed(int(self.data_seed))
-            sampler = RandomSampler(ds, generator=gen)
+            # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
+            self.train_sampler = EpochPermutation(len(ds), self.data_seed)
+            self.train_sampler.skip(self._resume_skip)
+            self._resume_skip = 0
+            sampler = self.train_sampler
         else:
             sampler = SequentialSampler(ds)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, collate_fn=Collator(self.tokenizer, self.kind.head),
                           num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          worker_init_fn=seed_worker,
+                          generator=torch.Generator().manual_seed(int(self.data_seed)))
+
+    def resume_at(self, batches_done: int) -> None:
+        """Make the next training pass skip the batches an interrupted run already trained on."""
+        self._resume_skip = int(batches_done) * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -17,7 +17,15 @@ register_resolvers()
 def _main(cfg: DictConfig) -> float:
     from blurbtune.run import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except BlurbtuneError as e:  # only a single run re-raises; Hydra would print a traceback
+        _fail(e)
+
+
+def _fail(e: BlurbtuneError) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -25,5 +33,4 @@ def main() -> None:
     try:
         _main()
     except BlurbtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
