@@ -38,7 +38,8 @@ def remove_checkpoints(run_dir: Path) -> None:
 
 
 class Resumable(pl.Callback):
-    """Saves `checkpoints/last.ckpt` (atomically) at each epoch end and when interrupted.
+    """Saves `checkpoints/last.ckpt` (atomically) after each epoch's dev evaluation and
+    when interrupted.
 
     SIGTERM (Lightning's handler) and SIGINT (ours: a first Ctrl-C stops after the current
     batch, a second one aborts at once) end training after a complete batch; the state is then
@@ -49,9 +50,11 @@ class Resumable(pl.Callback):
         self.path = Path(run_dir) / FOLDER / LAST
         self.datamodule = datamodule
         self._validating = False
+        self._mid_epoch = False
         self._previous_sigint: Any = None
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, mid_epoch: bool = False) -> None:
+        self._mid_epoch = mid_epoch
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.tmp")
         trainer.save_checkpoint(tmp)
@@ -62,7 +65,8 @@ class Resumable(pl.Callback):
         checkpoint["blurbtune_resume"] = {
             "rng": rng_state(),
             "epoch": trainer.current_epoch,
-            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+            "batches_done": (trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                             if self._mid_epoch else 0),
         }
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -70,20 +74,20 @@ class Resumable(pl.Callback):
         state = checkpoint["blurbtune_resume"]
         set_rng_state(state["rng"])
         done = state["batches_done"]
-        if 0 < done < trainer.num_training_batches:
+        if done:
             self.datamodule.resume_at(done)
         # We replay the order ourselves, so Lightning's warning about mid-epoch resume is moot.
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
         log.info("resuming from %s (epoch %d, %d batches done)", self.path, state["epoch"], done)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._validating = True
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._validating = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)  # after the dev evaluation, where Lightning's ModelCheckpoint saves
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -112,6 +116,6 @@ class Resumable(pl.Callback):
         mid_epoch = 0 < trainer.fit_loop.epoch_loop.batch_progress.current.completed \
             < trainer.num_training_batches
         if trainer.received_sigterm and mid_epoch and not self._validating:
-            self._save(trainer)
+            self._save(trainer, mid_epoch=True)
             log.warning("interrupted: state saved in %s; run the same command to resume",
                         self.path)
