@@ -245,6 +245,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     write_json(out / "results.json", results)
     if not cfg.get("keep_checkpoints"):
         remove_checkpoints(out)
+    (out / "error.log").unlink(missing_ok=True)  # left by an interrupted try, now resumed
     _print_summary(results, out)
     return float(dev_best["score"])
 
