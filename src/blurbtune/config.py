@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from omegaconf import DictConfig, OmegaConf
 
 from blurbtune.models import minilm_path, package_path
 
+MAX_DIRNAME_BYTES = 200  # file systems allow 255 bytes per name; leave room for temp files
+
 
 def dirname(overrides: str) -> str:
-    """A folder name from Hydra's override string: readable, stable, no path separators."""
+    """A folder name from Hydra's override string: readable, stable, unique, one path component.
+
+    Path separators and whitespace become `_`; when that changed the string, or the name is
+    too long for a file system, a short hash of the full override string is appended, so
+    `model.name_or_path=a/b` and `model.name_or_path=a_b` still get different folders.
+
+    >>> dirname("seed=1,stabilizer=llrd")
+    'seed=1,stabilizer=llrd'
+    >>> dirname("model.name_or_path=/m/bert")
+    'model.name_or_path=_m_bert-75075418'
+    """
     name = re.sub(r"[/\\\s]+", "_", overrides).strip("_.")
-    return name or "default"
+    if name == overrides and len(name.encode()) <= MAX_DIRNAME_BYTES:
+        return name or "default"
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    head = name.encode()[: MAX_DIRNAME_BYTES - 9].decode(errors="ignore")
+    return f"{head}-{digest}"
 
 
 def register_resolvers() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import multiprocessing as mp
 import shutil
 import time
 import uuid
@@ -80,6 +81,17 @@ class Collator:
         return batch
 
 
+def worker_context(num_workers: int) -> str | None:
+    """Start method for DataLoader workers: the platform's own (None: torch's default).
+
+    Inside a joblib worker (`hydra/launcher=joblib`) the default context is loky's, which
+    cannot start DataLoader workers; name the platform's method explicitly there.
+    """
+    if num_workers == 0 or mp.get_start_method(allow_none=True) in mp.get_all_start_methods():
+        return None
+    return mp.get_all_start_methods()[0]
+
+
 class BlurbDataModule(pl.LightningDataModule):
     """Reads the task's splits, tokenises them once (cached), and serves padded batches."""
 
@@ -142,7 +154,8 @@ class BlurbDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
                           worker_init_fn=seed_worker,
-                          generator=torch.Generator().manual_seed(int(self.data_seed)))
+                          generator=torch.Generator().manual_seed(int(self.data_seed)),
+                          multiprocessing_context=worker_context(self.num_workers))
 
     def resume_at(self, batches_done: int) -> None:
         """Make the next training pass skip the batches an interrupted run already trained on."""

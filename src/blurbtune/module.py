@@ -11,26 +11,36 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from blurbtune.errors import DivergedError
-from blurbtune.metrics import METRICS
+from blurbtune.metrics import METRICS, constant_baseline
 from blurbtune.tasks import Rows, task_type
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
-def metric_args(task: Any, preds: list, gold: list) -> tuple[list, list, dict]:
-    """Arguments of the task's metric function for predictions and gold in index form."""
-    labels = list(task.labels) if task.get("labels") is not None else None
+def to_metric(task: Any, values: list) -> list:
+    """Gold or predictions in index form, in the form the task's metric takes (tag strings)."""
     if task.metric in ("entity_f1", "pico_f1"):
-        return [[labels[t] for t in g] for g in gold], [[labels[t] for t in p] for p in preds], {}
-    if task.metric == "relation_f1":
-        return gold, preds, {"negative": labels.index(str(task.negative_label))}
-    return gold, preds, {}
+        labels = list(task.labels)
+        return [[labels[t] for t in v] for v in values]
+    return values
+
+
+def _negative(task: Any) -> int | None:
+    if task.metric != "relation_f1":
+        return None
+    return list(task.labels).index(str(task.negative_label))
 
 
 def score(task: Any, preds: list, gold: list) -> float:
     """The task's metric (a fraction) for predictions and gold in index form."""
-    g, p, kw = metric_args(task, preds, gold)
-    return float(METRICS[str(task.metric)](g, p, **kw))
+    kw = {"negative": _negative(task)} if task.metric == "relation_f1" else {}
+    return float(METRICS[str(task.metric)](to_metric(task, gold), to_metric(task, preds), **kw))
+
+
+def baseline(task: Any, train_gold: list, gold: list) -> float:
+    """The score of the constant (majority / all-O / mean) predictor on `gold`."""
+    return float(constant_baseline(str(task.metric), to_metric(task, train_gold),
+                                   to_metric(task, gold), negative_label=_negative(task)))
 
 
 class FineTuner(pl.LightningModule):

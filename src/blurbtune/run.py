@@ -27,7 +27,7 @@ from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
 from blurbtune.models import load_model, load_tokenizer
-from blurbtune.module import FineTuner, score
+from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import enable_determinism, resolve_seeds, seed_all
 from blurbtune.resume import Resumable, last_checkpoint, remove_checkpoints
 
@@ -111,8 +111,12 @@ def run(cfg: DictConfig) -> float:
     results_path = out / "results.json"
     previous = read_json(results_path)
     if previous and previous.get("status") == "completed" and not cfg.get("dry_run"):
-        log.info("already completed, skipping: %s", out)
+        log.info("already completed, skipping (delete its results.json to run it again): %s",
+                 out)
         return float(previous["dev"]["best"])
+    if previous:
+        log.info("previous attempt %s; running again: %s", previous.get("status"), out)
+    (out / "error.log").unlink(missing_ok=True)
     seeds = resolve_seeds(cfg.seed, cfg.get("data_seed"), cfg.get("init_seed"))
     identity = _identity(cfg, seeds)
     identity.update(run_dir=str(out), overrides=_overrides())
@@ -131,10 +135,20 @@ def run(cfg: DictConfig) -> float:
             raise SystemExit(128 + signal.SIGTERM) from e
         if interrupted or not _in_multirun():
             raise
+        _release_memory()
         log.error("run %s %s: %s (recorded in %s; the sweep goes on)", out.name, status, e,
                   results_path)
         return math.nan
     return result
+
+
+def _release_memory() -> None:
+    """Give a failed run's GPU memory back before the sweep's next run in this process."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _in_multirun() -> bool:
@@ -194,6 +208,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         splits=dm.splits, seeds=seeds, determinism=flags))
     write_json(out / "results.json", {"status": "running", **identity})
     seed_all(seeds["seed"])
+    model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=_logger(out),
@@ -215,8 +230,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
 
     kind = dm.kind
     gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
-    baseline = {s: score(task, kind.constant_predictions(gold["train"], gold[s], task), gold[s])
-                for s in ("dev", "test")}
+    floor = {s: baseline(task, gold["train"], gold[s]) for s in ("dev", "test")}
     collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
                  "test": kind.collapsed(test_best["preds"], task)}
     _write_predictions(out / "predictions", kind, task, dm, dev_best["preds"],
@@ -232,7 +246,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "best_epoch": module.best_epoch,
         "epochs_run": len(module.history),
         "history": module.history,
-        "baseline": baseline, "collapsed": collapsed,
+        "baseline": floor, "collapsed": collapsed,
         "n_examples": {s: len(dm.examples(s)) for s in ("train", "dev", "test")},
         "lost_words": {"dev": dev_best.get("lost_words", 0),
                        "test": test_best.get("lost_words", 0)},

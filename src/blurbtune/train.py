@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import hydra
@@ -14,13 +15,19 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def _main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float | None:
+    """The run's best dev score, for sweepers; None when the run failed or trained nothing.
+
+    None rather than NaN: the optuna sweeper marks a trial that returns None as failed, while
+    a NaN makes optuna 2.x raise inside the sweeper and end the whole search.
+    """
     from blurbtune.run import run
 
     try:
-        return run(cfg)
+        score = run(cfg)
     except BlurbtuneError as e:  # only a single run re-raises; Hydra would print a traceback
         _fail(e)
+    return None if math.isnan(score) else score
 
 
 def _fail(e: BlurbtuneError) -> None:

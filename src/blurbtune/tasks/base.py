@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from blurbtune.errors import DataError
@@ -57,11 +56,6 @@ class TaskType:
     def to_json(self, value: Any, task: Any) -> Any:
         """A gold or predicted value as written to predictions/*.jsonl (label names)."""
         return task.labels[value]
-
-    def constant_predictions(self, train_gold: list[Any], gold: list[Any], task: Any) -> list:
-        """What a predictor that ignores its input answers on `gold`: the train majority."""
-        values, counts = np.unique(np.asarray(train_gold), return_counts=True)
-        return [values[int(np.argmax(counts))].item()] * len(gold)
 
     def collapsed(self, preds: list[Any], task: Any) -> bool:
         """True when every prediction of the split is the same."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from blurbtune.errors import DataError
@@ -43,7 +42,3 @@ class DocClassification(SequenceTask):
 
     def to_json(self, value: Any, task: Any) -> Any:
         return [name for name, v in zip(task.labels, value, strict=True) if v]
-
-    def constant_predictions(self, train_gold: list[Any], gold: list[Any], task: Any) -> list:
-        majority = (np.asarray(train_gold).mean(axis=0) > 0.5).astype(float).tolist()
-        return [majority] * len(gold)

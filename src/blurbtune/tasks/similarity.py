@@ -37,9 +37,6 @@ class Similarity(SequenceTask):
     def to_json(self, value: Any, task: Any) -> Any:
         return float(value)
 
-    def constant_predictions(self, train_gold: list[Any], gold: list[Any], task: Any) -> list:
-        return [float(np.mean(train_gold))] * len(gold)
-
     def collapsed(self, preds: list[Any], task: Any) -> bool:
         """True when the predictions barely vary (std under 1% of BIOSSES' 0-4 range)."""
         return len(preds) > 1 and float(np.std(preds)) < 0.04

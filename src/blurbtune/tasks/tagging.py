@@ -22,7 +22,7 @@ def read_conll(path: Path, task: Any) -> list[Example]:
     examples: list[Example] = []
     words: list[str] = []
     tags: list[int] = []
-    doc, sent = "", 0
+    doc, sent, docs = "", 0, 0
 
     def flush() -> None:
         nonlocal words, tags, sent
@@ -40,8 +40,9 @@ def read_conll(path: Path, task: Any) -> list[Example]:
                 continue
             if line.startswith("-DOCSTART-"):
                 flush()
-                rest = line[len("-DOCSTART-"):].strip().split("\t")[0].strip("() ")
-                doc, sent = (f"{rest}_" if rest else f"doc{len(examples)}_"), 0
+                pmid = line.split("\t")[0][len("-DOCSTART-"):].strip("() ")
+                docs += 1
+                doc, sent = f"{pmid or f'doc{docs}'}_", 0
                 continue
             fields = line.split("\t")
             if len(fields) != 2 or not fields[0]:
@@ -109,11 +110,6 @@ class Tagging(TaskType):
 
     def to_json(self, value: Any, task: Any) -> Any:
         return [task.labels[t] for t in value]
-
-    def constant_predictions(self, train_gold: list[Any], gold: list[Any], task: Any) -> list:
-        """All words tagged O: the constant predictor of a tagging task."""
-        outside = list(task.labels).index("O")
-        return [[outside] * len(g) for g in gold]
 
     def collapsed(self, preds: list[Any], task: Any) -> bool:
         """True when no word of the split is tagged anything but O."""

@@ -1,0 +1,71 @@
+"""What a reader of the report must be told: missing seeds, unfinished and degenerate runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from blurbtune.report.stats import GROUP_KEYS, PAIR_KEYS, completed, is_degenerate
+from blurbtune.report.tables import number
+
+
+def group_label(row: pd.Series) -> str:
+    """e.g. "minilm / biosses / llrd (llrd.decay=0.9, lr=3e-05, bs=16)"."""
+    settings = [row["knobs"]] if row["knobs"] else []
+    settings += [f"lr={number(row['lr'])}", f"bs={number(row['batch_size'])}"]
+    return f"{row['model']} / {row['task']} / {row['stabilizer']} ({', '.join(settings)})"
+
+
+def _seeds(values: pd.Series) -> str:
+    return ", ".join(number(v) for v in sorted(values.dropna().unique()))
+
+
+def missing_seeds(runs: pd.DataFrame) -> list[str]:
+    """Configurations with fewer completed seeds than the largest one, and which seeds they lack."""
+    groups = [
+        (group.iloc[0], completed(group).drop_duplicates(PAIR_KEYS))
+        for _, group in runs.groupby(GROUP_KEYS, dropna=False, sort=True)
+    ]
+    largest = max((len(done) for _, done in groups), default=0)
+    all_seeds = set(completed(runs)["seed"].dropna())
+    messages = []
+    for config, done in groups:
+        if len(done) >= largest:
+            continue
+        message = f"{group_label(config)}: {len(done)} of {largest} seeds completed"
+        lacking = pd.Series(sorted(all_seeds - set(done["seed"].dropna())), dtype=float)
+        if len(lacking):
+            message += f"; missing seed {_seeds(lacking)}"
+        messages.append(message)
+    return messages
+
+
+def unfinished(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(failed or diverged runs with their errors, runs still running)."""
+    failed, running = [], []
+    for _, run in runs[runs["status"] != "completed"].iterrows():
+        where = f"{group_label(run)} seed {number(run['seed'])}"
+        if run["status"] == "running":
+            running.append(f"{where} ({Path(run['path']).parent})")
+        else:
+            error = run["error"] if pd.notna(run["error"]) and run["error"] else "no error message"
+            failed.append(f"{where}: {run['status']}: {error} ({Path(run['path']).parent})")
+    return failed, running
+
+
+def degenerate(runs: pd.DataFrame) -> list[str]:
+    """Completed runs no better than the constant predictor on test, or with constant output."""
+    messages = []
+    for _, run in runs[is_degenerate(runs)].iterrows():
+        reasons = []
+        if run["test_best"] <= run["baseline_test"]:
+            reasons.append(
+                f"test {100 * run['test_best']:.2f} <= constant predictor "
+                f"{100 * run['baseline_test']:.2f}"
+            )
+        if run["collapsed_test"]:
+            reasons.append("all test predictions identical")
+        where = f"{group_label(run)} seed {number(run['seed'])}"
+        messages.append(f"{where}: {'; '.join(reasons)} ({Path(run['path']).parent})")
+    return messages

@@ -1,0 +1,86 @@
+"""`blurbtune report SWEEP [SWEEP ...] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from blurbtune.report import checks, tables
+from blurbtune.report.build import NoResultsError, Report, build_report
+
+
+def parser() -> argparse.ArgumentParser:
+    parse = argparse.ArgumentParser(
+        prog="blurbtune report",
+        description="Tables and plots from the results.json files of one or more sweeps.",
+    )
+    parse.add_argument("sweeps", nargs="+", type=Path, metavar="SWEEP", help="sweep folder")
+    parse.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <first SWEEP>/report)"
+    )
+    return parse
+
+
+def _section(title: str, lines: list[str], stream=sys.stdout) -> None:
+    if lines:
+        print(f"\n{title}", file=stream)
+        for line in lines:
+            print(f"  - {line}", file=stream)
+
+
+def print_report(report: Report) -> None:
+    """Tables and written files on stdout; problems with the sweep on stderr."""
+    print(tables.summary_markdown(report.summary))
+    if report.blurb is not None and not report.blurb.empty:
+        print("BLURB (x100; per task the lr with the best mean dev score)\n")
+        print(tables.markdown_table(tables.blurb_display(report.blurb)))
+    if not report.paired.empty:
+        print("Paired against `none` (test, x100)\n")
+        print(tables.markdown_table(tables.paired_display(report.paired)))
+    for note in report.notes:
+        print(f"Note: {note}")
+    print(f"\nWrote {len(report.written)} files to {report.out_dir}:")
+    for name in report.written:
+        print(f"  {name}")
+
+    err = sys.stderr
+    bad = checks.degenerate(report.runs)
+    if bad:
+        print(f"\n{'!' * 72}", file=err)
+        print(
+            f"!! WARNING: {len(bad)} DEGENERATE RUN(S): no better than the constant predictor "
+            "on test, or constant predictions. They are counted in the means.",
+            file=err,
+        )
+        print("!" * 72, file=err)
+        for line in bad:
+            print(f"  - {line}", file=err)
+    failed, running = checks.unfinished(report.runs)
+    _section("Partial sweep: configurations with fewer seeds than the largest one",
+             checks.missing_seeds(report.runs), err)  # fmt: skip
+    _section(f"Failed or diverged runs ({len(failed)}), not in the means:", failed, err)
+    _section(f"Still running ({len(running)}), not in the means:", running, err)
+    _section(
+        f"Unreadable results.json ({len(report.errors)}), skipped:",
+        [f"{path}: {reason}" for path, reason in report.errors],
+        err,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `blurbtune report`; 0 on success, 2 when a sweep folder holds no results."""
+    args = parser().parse_args(argv)
+    try:
+        report = build_report(args.sweeps, args.out)
+    except NoResultsError as exc:
+        print(f"blurbtune report: error: {exc}", file=sys.stderr)
+        for path, reason in exc.errors:
+            print(f"  - {path}: {reason}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

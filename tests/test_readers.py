@@ -1,0 +1,65 @@
+"""Readers: every BLURB layout read from the fixtures, sizes checked against counts the
+fixture generator computed independently, and the real files in ../shared where present."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FIXTURES, SHARED, needs_shared
+
+from blurbtune.blurb import tasks
+from blurbtune.data import read_split
+from blurbtune.data_check import check
+from blurbtune.tasks import task_type
+
+COUNTS = json.loads((FIXTURES / "COUNTS.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(tasks()))
+def test_fixture_counts_match_the_generator(name: str) -> None:
+    task = tasks()[name]
+    for split in ("train", "dev", "test"):
+        examples = read_split(task, FIXTURES, split).examples
+        found = task_type(task.type).count(examples, task)
+        assert found == COUNTS[task.folder][split], (name, split)
+        assert len({ex["id"] for ex in examples}) == len(examples)
+
+
+def test_hoc_groups_sentences_per_abstract_with_union_of_labels(tmp_path) -> None:
+    folder = tmp_path / "HoC"
+    folder.mkdir()
+    flags = lambda on: ",".join(f"{k}_{int(k in on)}" for k in range(10))  # noqa: E731
+    rows = ["labels\tsentence\tindex",
+            f"{flags({1})}\tSecond sentence .\t42_s1",
+            f"{flags({3})}\tFirst sentence .\t42_s0",
+            f"{flags(set())}\tAlone .\t7_s0"]
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    docs = read_split(tasks()["hoc"], tmp_path, "train").examples
+    assert [d["id"] for d in docs] == ["42", "7"]
+    assert docs[0]["text"] == "First sentence . Second sentence ."
+    assert docs[0]["gold"] == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert docs[1]["gold"] == [0] * 10
+
+
+def test_ner_reads_devel_tsv_and_skips_docstart() -> None:
+    jnlpba = tasks()["jnlpba"]
+    assert read_split(jnlpba, FIXTURES, "dev").path.name == "devel.tsv"
+    chem = read_split(tasks()["bc5chem"], FIXTURES, "train").examples
+    assert all("-DOCSTART-" not in ex["words"] for ex in chem)
+
+
+@needs_shared
+def test_data_check_reproduces_the_shared_counts() -> None:
+    """../shared/blurb/README.md: the complete datasets match Gu et al. Table 3 exactly."""
+    results = {(c.task, c.split): c for c in check(SHARED)}
+    for name in ("ncbi_disease", "bc2gm", "gad", "biosses", "hoc", "pubmedqa"):
+        for split in ("train", "dev", "test"):
+            c = results[(name, split)]
+            assert c.status == "ok", (name, split, c.found, c.expected)
+    assert results[("chemprot", "train")].status == "missing"
+    assert results[("chemprot", "dev")].status == "ok"
+    assert results[("ebmnlp", "train")].status == "missing"
+    assert results[("ebmnlp", "test")].found == 16364
+    assert results[("bc5chem", "train")].status == "missing"

@@ -1,0 +1,385 @@
+"""blurbtune report on fabricated sweeps whose numbers are known."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from blurbtune.report import make_report
+from blurbtune.report.cli import main
+from blurbtune.report.collect import collect
+from blurbtune.report.stats import (
+    bootstrap_ci,
+    expected_max,
+    expected_max_std,
+    paired_test,
+)
+
+KNOBS = {"llrd": {"llrd.decay": 0.9}, "llrd+reinit_top": {"llrd.decay": 0.9, "reinit.layers": 1}}
+BIOSSES = {  # stabilizer -> test_best per seed 0..4
+    "none": [0.70, 0.74, 0.78, 0.72, 0.76],
+    "llrd": [0.73, 0.74, 0.80, 0.71, 0.79],
+    "llrd+reinit_top": [0.75, 0.77, 0.76, 0.74, 0.78],
+}
+
+
+def write_run(
+    root: Path,
+    *,
+    model: str = "minilm",
+    task: str = "biosses",
+    stabilizer: str = "none",
+    seed: int = 0,
+    status: str = "completed",
+    test: tuple[float, float] | None = (0.7, 0.69),
+    dev: tuple[float, float] | None = (0.8, 0.79),
+    lr: float = 3e-5,
+    batch_size: int = 16,
+    baseline_test: float = 0.0,
+    collapsed_test: bool = False,
+    error: str | None = None,
+) -> Path:
+    """A run folder as a sweep writes it; returns the folder."""
+    folder = root / model / task / f"{stabilizer}_lr{lr}_bs{batch_size}" / f"seed={seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+    result = {
+        "status": status,
+        "error": error,
+        "task": task,
+        "task_type": "similarity" if task == "biosses" else "classification",
+        "dataset": task.upper(),
+        "model": model,
+        "model_name_or_path": f"/models/{model}",
+        "stabilizer": stabilizer,
+        "stabilizer_knobs": KNOBS.get(stabilizer, {}),
+        "seed": seed,
+        "data_seed": seed,
+        "init_seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "max_epochs": 10,
+        "metric": "pearson" if task == "biosses" else "micro_f1",
+        "dev": None if dev is None else {"best": dev[0], "last": dev[1]},
+        "test": None if test is None else {"best": test[0], "last": test[1]},
+        "best_epoch": 4,
+        "baseline": {"dev": 0.0, "test": baseline_test},
+        "collapsed": {"dev": False, "test": collapsed_test},
+        "n_examples": {"train": 64, "dev": 16, "test": 20},
+        "train_time_s": 12.3,
+        "run_dir": str(folder),
+        "overrides": [f"seed={seed}", f"stabilizer={stabilizer}"],
+    }
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """biosses: 3 stabilizers x 5 seeds (+1 failed, +1 diverged llrd run);
+    chemprot: 3 completed seeds (2 degenerate) and one still running."""
+    root = tmp_path / "sweep"
+    for stabilizer, scores in BIOSSES.items():
+        for seed, score in enumerate(scores):
+            write_run(
+                root,
+                stabilizer=stabilizer,
+                seed=seed,
+                test=(score, score - 0.01 * (seed % 3)),
+                dev=(score + 0.05 + 0.01 * seed, score + 0.04),
+            )
+    write_run(root, stabilizer="llrd", seed=5, status="failed", test=None, dev=None,
+              error="CUDA out of memory")  # fmt: skip
+    write_run(root, stabilizer="llrd", seed=6, status="diverged", test=(0.05, 0.01),
+              dev=(0.04, 0.02), error="loss is NaN")  # fmt: skip
+    write_run(root, task="chemprot", seed=0, test=(0.45, 0.44), dev=(0.47, 0.46))
+    write_run(root, task="chemprot", seed=1, test=(0.0, 0.0), dev=(0.0, 0.0))
+    write_run(root, task="chemprot", seed=2, test=(0.30, 0.30), dev=(0.31, 0.3),
+              collapsed_test=True)  # fmt: skip
+    write_run(root, task="chemprot", seed=3, status="running", test=None, dev=None)
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def raw_results(root: Path) -> list[dict]:
+    """The results.json files, read without the report's code."""
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
+
+
+def test_summary_matches_independent_recomputation(sweep: Path, tmp_path: Path) -> None:
+    written = make_report([sweep], tmp_path / "out")
+    rows = read_csv(written["summary.csv"])
+    results = raw_results(sweep)
+    assert len(rows) == 4
+    for row in rows:
+        mine = [r for r in results
+                if (r["model"], r["task"], r["stabilizer"]) == (row["model"], row["task"],
+                                                                 row["stabilizer"])]  # fmt: skip
+        done = [r for r in mine if r["status"] == "completed"]
+        for split, which in (("test", "best"), ("test", "last"), ("dev", "best")):
+            values = [r[split][which] for r in done]
+            column = f"{split}_{which}"
+            assert float(row[f"{column}_mean"]) == pytest.approx(statistics.mean(values))
+            assert float(row[f"{column}_std"]) == pytest.approx(statistics.stdev(values))
+        best = [r["test"]["best"] for r in done]
+        assert float(row["test_best_median"]) == pytest.approx(statistics.median(best))
+        assert float(row["test_best_min"]) == pytest.approx(min(best))
+        assert float(row["test_best_max"]) == pytest.approx(max(best))
+        assert int(row["runs"]) == len(mine)
+        assert int(row["completed"]) == int(row["n"]) == len(done)
+        low, high = float(row["test_best_ci_low"]), float(row["test_best_ci_high"])
+        assert min(best) <= low <= statistics.mean(best) <= high <= max(best)
+
+
+def test_failed_runs_are_counted_not_averaged(sweep: Path, tmp_path: Path) -> None:
+    summary = pd.read_csv(make_report([sweep], tmp_path / "out")["summary.csv"])
+    llrd = summary[(summary.task == "biosses") & (summary.stabilizer == "llrd")].iloc[0]
+    assert (llrd.runs, llrd.completed, llrd.failed, llrd.running) == (7, 5, 2, 0)
+    assert llrd.test_best_mean == pytest.approx(np.mean(BIOSSES["llrd"]))  # not the 0.05
+    assert llrd.knobs == "llrd.decay=0.9"
+    chemprot = summary[summary.task == "chemprot"].iloc[0]
+    assert (chemprot.runs, chemprot.completed, chemprot.failed, chemprot.running) == (4, 3, 0, 1)
+
+
+def test_degenerate_runs_are_counted_and_shouted(sweep: Path, tmp_path: Path, capsys) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    counts = dict(zip(summary.task + "/" + summary.stabilizer, summary.degenerate, strict=True))
+    assert counts == {"biosses/llrd": 0, "biosses/llrd+reinit_top": 0, "biosses/none": 0,
+                      "chemprot/none": 2}  # fmt: skip
+    err = capsys.readouterr().err
+    assert "2 DEGENERATE RUN(S)" in err
+    assert "chemprot / none (lr=3e-05, bs=16) seed 1: test 0.00 <= constant predictor 0.00" in err
+    assert "seed 2: all test predictions identical" in err
+
+
+def test_partial_sweep_is_explained(sweep: Path, tmp_path: Path, capsys) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "chemprot / none (lr=3e-05, bs=16): 3 of 5 seeds completed; missing seed 3, 4" in err
+    assert "Still running (1)" in err and "chemprot / none (lr=3e-05, bs=16) seed 3" in err
+    assert "Failed or diverged runs (2)" in err
+    assert "seed 5: failed: CUDA out of memory" in err
+    assert "seed 6: diverged: loss is NaN" in err
+    assert "biosses / none (lr=3e-05, bs=16): " not in err  # complete groups stay quiet
+
+
+def test_cli_prints_table_and_written_files(sweep: Path, capsys) -> None:
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    none = BIOSSES["none"]
+    assert f"{100 * statistics.mean(none):.2f} ± {100 * statistics.stdev(none):.2f}" in out
+    assert "| minilm | biosses | llrd+reinit_top |" in out
+    written = sorted(p for p in (sweep / "report").rglob("*") if p.is_file())
+    assert f"Wrote {len(written)} files to {sweep / 'report'}" in out
+    for name in ("runs.csv", "summary.md", "summary.tex", "paired.md", "expected_max.csv"):
+        assert (sweep / "report" / name).is_file()
+
+
+def test_runs_csv_is_flat(sweep: Path, tmp_path: Path) -> None:
+    runs = pd.read_csv(make_report([sweep], tmp_path / "out")["runs.csv"])
+    assert len(runs) == 21
+    for column in ("test_best", "test_last", "dev_best", "baseline_test", "collapsed_test",
+                   "knob.llrd.decay", "knob.reinit.layers", "n_train"):  # fmt: skip
+        assert column in runs.columns
+    combo = runs[runs.stabilizer == "llrd+reinit_top"]
+    assert set(combo["knob.reinit.layers"]) == {1}
+    assert runs[runs.stabilizer == "none"]["knob.llrd.decay"].isna().all()
+
+
+def test_unset_lr_and_all_failed_config(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        write_run(root, seed=seed, lr=None, test=(0.6 + 0.1 * seed, 0.6))
+        write_run(root, stabilizer="llrd", seed=seed, lr=None, test=(0.7 + 0.1 * seed, 0.6))
+    write_run(root, stabilizer="freeze_lower", status="failed", test=None, dev=None, error="boom")
+    assert main([str(root)]) == 0
+    summary = pd.read_csv(root / "report" / "summary.csv")
+    frozen = summary[summary.stabilizer == "freeze_lower"].iloc[0]
+    assert (frozen.runs, frozen.completed, frozen.failed) == (1, 0, 1)
+    assert np.isnan(frozen.test_best_mean)
+    paired = pd.read_csv(root / "report" / "paired.csv")
+    assert paired.iloc[0].stabilizer == "llrd" and np.isnan(paired.iloc[0].lr)
+    assert paired.iloc[0].mean_diff == pytest.approx(0.1)
+    assert "freeze_lower (lr=3e-05, bs=16): 0 of 2 seeds completed" in capsys.readouterr().err
+
+
+def test_expected_max_matches_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    for values in ([0.3, 0.9, 0.5, 0.5], rng.uniform(size=5).tolist(), [0.7]):
+        n = len(values)
+        brute = [np.mean([max(draw) for draw in itertools.product(values, repeat=k)])
+                 for k in range(1, n + 1)]  # fmt: skip
+        brute_sq = [np.mean([max(draw) ** 2 for draw in itertools.product(values, repeat=k)])
+                    for k in range(1, n + 1)]  # fmt: skip
+        assert expected_max(values) == pytest.approx(brute)
+        assert expected_max_std(values) == pytest.approx(
+            np.sqrt(np.array(brute_sq) - np.array(brute) ** 2), abs=1e-7
+        )
+    assert expected_max([0.3, 0.9, 0.5], k_max=50)[-1] == pytest.approx(0.9)
+
+
+def test_expected_max_against_simulation() -> None:
+    values = np.array([0.61, 0.72, 0.55, 0.80, 0.64, 0.70])
+    draws = np.random.default_rng(0).choice(values, size=(200_000, 4))
+    assert expected_max(values)[3] == pytest.approx(draws.max(axis=1).mean(), abs=2e-3)
+
+
+def test_expected_max_csv(sweep: Path, tmp_path: Path) -> None:
+    table = pd.read_csv(make_report([sweep], tmp_path / "out")["expected_max.csv"])
+    none = table[(table.task == "biosses") & (table.stabilizer == "none")]
+    dev = [r["dev"]["best"] for r in raw_results(sweep)
+           if r["task"] == "biosses" and r["stabilizer"] == "none"]  # fmt: skip
+    assert none.k.tolist() == [1, 2, 3, 4, 5]
+    assert none.expected_max.iloc[0] == pytest.approx(statistics.mean(dev))
+    expected_two = np.mean([max(a, b) for a in dev for b in dev])
+    assert none.expected_max.iloc[1] == pytest.approx(expected_two)
+
+
+def test_paired_against_none(sweep: Path, tmp_path: Path) -> None:
+    written = make_report([sweep], tmp_path / "out")
+    paired = pd.read_csv(written["paired.csv"])
+    assert set(paired.stabilizer) == {"llrd", "llrd+reinit_top"}  # chemprot has no stabilizer
+    llrd = paired[paired.stabilizer == "llrd"].iloc[0]
+    # by hand: +0.03, 0, +0.02, -0.01, +0.03 over seeds 0-4 (the failed seeds 5, 6 are unpaired)
+    assert (llrd.n, llrd.wins, llrd.ties, llrd.losses) == (5, 3, 1, 1)
+    assert llrd.mean_diff == pytest.approx(0.07 / 5)
+    assert llrd.seeds == "0 1 2 3 4"
+    treated, reference = BIOSSES["llrd"], BIOSSES["none"]
+    assert llrd.wilcoxon_p == pytest.approx(sps.wilcoxon(treated, reference).pvalue)
+    assert llrd.ttest_p == pytest.approx(sps.ttest_rel(treated, reference).pvalue)
+    assert "| minilm | biosses | llrd | llrd.decay=0.9 |" in written["paired.md"].read_text()
+
+
+def test_paired_test_edge_cases() -> None:
+    same = paired_test([0.5, 0.6], [0.5, 0.6])
+    assert (same["wins"], same["ties"], same["losses"]) == (0, 2, 0)
+    assert np.isnan(same["wilcoxon_p"]) and np.isnan(same["ttest_p"])
+    assert np.isnan(paired_test([0.5], [0.4])["ttest_p"])
+
+
+def test_bootstrap_ci_is_seeded() -> None:
+    values = [0.70, 0.74, 0.78, 0.72, 0.76]
+    assert bootstrap_ci(values) == bootstrap_ci(values)
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    assert all(np.isnan(bootstrap_ci([0.5])))
+
+
+def test_pngs_and_tex_are_written(sweep: Path, tmp_path: Path) -> None:
+    written = make_report([sweep], tmp_path / "out")
+    pngs = [name for name in written if name.endswith(".png")]
+    assert sorted(pngs) == [
+        "plots/expected_max_biosses_minilm.png",
+        "plots/expected_max_chemprot_minilm.png",
+        "plots/scores_biosses_minilm.png",
+        "plots/scores_chemprot_minilm.png",
+    ]
+    for name in pngs:
+        assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tex = written["summary.tex"].read_text()
+    assert tex.startswith("\\begin{tabular}") and tex.rstrip().endswith("\\end{tabular}")
+    assert "llrd+reinit\\_top" in tex and "$\\pm$" in tex
+
+
+def test_malformed_results_are_reported(sweep: Path, tmp_path: Path, capsys) -> None:
+    (sweep / "broken").mkdir()
+    (sweep / "broken" / "results.json").write_text("{not json")
+    (sweep / "listed").mkdir()
+    (sweep / "listed" / "results.json").write_text("[1, 2]")
+    (sweep / "taskless").mkdir()
+    (sweep / "taskless" / "results.json").write_text('{"status": "completed", "model": "x"}')
+    found = collect([sweep])
+    assert len(found.runs) == 21
+    reasons = {path.parent.name: reason for path, reason in found.errors}
+    assert reasons["broken"].startswith("invalid JSON")
+    assert reasons["listed"] == "expected a JSON object, got list"
+    assert reasons["taskless"] == "missing keys: task"
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "Unreadable results.json (3)" in err
+    assert f"{sweep / 'broken' / 'results.json'}: invalid JSON" in err
+
+
+def test_folder_without_results_is_an_error(sweep: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(sweep), str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: no results.json found" in err
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+    (empty / "results.json").write_text("oops")
+    assert main([str(empty)]) == 2
+    assert "none of the results.json files could be read" in capsys.readouterr().err
+
+
+BLURB_TASKS = ["bc5chem", "bc5disease", "ncbi_disease", "bc2gm", "jnlpba", "ebm_pico", "chemprot",
+               "ddi", "gad", "biosses", "hoc", "pubmedqa", "bioasq"]  # fmt: skip
+
+
+@pytest.fixture
+def fake_blurb(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A stand-in for blurbtune.blurb: score = plain mean, published = task index + 50."""
+    module = types.ModuleType("blurbtune.blurb")
+
+    def score(scores: dict[str, float]) -> float:
+        if set(scores) != set(BLURB_TASKS):
+            raise ValueError("need all 13")
+        return float(np.mean(list(scores.values())))
+
+    def published_scores() -> pd.DataFrame:
+        values = [50.0 + i for i in range(len(BLURB_TASKS))]
+        return pd.DataFrame({"bert_uncased": values, "pubmedbert": values}, index=BLURB_TASKS)
+
+    module.score, module.published_scores = score, published_scores
+    monkeypatch.setitem(sys.modules, "blurbtune.blurb", module)
+    return module
+
+
+def test_blurb_score_and_published(fake_blurb, tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for i, task in enumerate(BLURB_TASKS):
+        for seed in (0, 1):
+            write_run(root, model="bert_base", task=task, seed=seed,
+                      test=(0.5 + 0.01 * i + 0.02 * seed, 0.5), dev=(0.6, 0.6))  # fmt: skip
+    # a worse-on-dev lr for biosses must not be the one scored
+    write_run(root, model="bert_base", task="biosses", lr=1e-4, test=(0.99, 0.99), dev=(0.1, 0.1))
+    written = make_report([root], tmp_path / "out")
+    summary = pd.read_csv(written["summary.csv"])
+    biosses = summary[(summary.task == "biosses") & (summary.lr == 3e-5)].iloc[0]
+    assert biosses.published_test == pytest.approx(0.59)  # bert_base -> bert_uncased
+    blurb = pd.read_csv(written["blurb.csv"])
+    final = blurb[blurb.task == "BLURB"].iloc[0]
+    assert final.test_mean == pytest.approx(np.mean([0.51 + 0.01 * i for i in range(13)]))
+    assert final.published == pytest.approx(np.mean([0.50 + 0.01 * i for i in range(13)]))
+    assert blurb[blurb.task == "biosses"].iloc[0].lr == 3e-5
+
+
+def test_partial_blurb_has_no_score(fake_blurb, sweep: Path, tmp_path: Path) -> None:
+    blurb = pd.read_csv(make_report([sweep], tmp_path / "out")["blurb.csv"])
+    final = blurb[blurb.task == "BLURB"]
+    assert len(final) == 3  # one per (model, stabilizer, knobs)
+    assert final.test_mean.isna().all() and final.published.isna().all()  # minilm: no column
+    none = final[final.stabilizer == "none"].iloc[0]
+    assert none.note.startswith("2/13 tasks")
+
+
+def test_blurb_section_skipped_without_module(monkeypatch, sweep: Path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "blurbtune.blurb", None)  # import raises ImportError
+    assert main([str(sweep)]) == 0
+    assert "BLURB score and published reference numbers skipped" in capsys.readouterr().out
+    assert not (sweep / "report" / "blurb.csv").exists()

@@ -1,0 +1,251 @@
+"""Sweeps: presets compose, run folders, failures, resume, launchers, optuna, and the report.
+
+The end-to-end tests run `train.py -m` in a subprocess on the tiny model, BIOSSES-format data
+(the project's fixtures when present, else a few generated pairs) and one short epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from blurbtune.config import compose, config_dir, dirname
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "blurb"
+CONF = Path(config_dir())
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+STABILIZERS = ["none", "freeze_lower", "llrd", "reinit_top"]
+TEN_SEEDS = {"biosses", "pubmedqa", "bioasq"}  # BLURB runs its three smallest sets 10 times
+SHORT = ["experiment=smoke", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+
+
+# ---------------------------------------------------------------- presets compose
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment):
+    cfg = compose([f"experiment={experiment}", "model=tiny"])
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(body, resolve=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    assert all(str(v) for v in params.values())  # interpolations in sweep params resolve
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_stability_preset_per_task(task):
+    cfg = compose([f"experiment=stability_{task}", "model=tiny"])
+    params = cfg.hydra.sweeper.params
+    assert cfg.task.name == task
+    assert params.task == task  # the task is in every run's folder name
+    assert params.stabilizer.split(",") == STABILIZERS
+    assert params.seed == f"range({10 if task in TEN_SEEDS else 5})"
+    assert cfg.name == "stability-tiny"
+
+
+def test_stability_blurb_covers_all_tasks_with_one_folder():
+    cfg = compose(["experiment=stability_blurb", "model=minilm"])
+    params = cfg.hydra.sweeper.params
+    assert sorted(params.task.split(",")) == TASKS
+    assert params.stabilizer.split(",") == STABILIZERS
+    assert params.seed == "range(5)"
+    assert cfg.name == "stability-minilm"
+    assert cfg.hydra.sweep.dir == "outputs/multirun/stability-minilm"
+
+
+def test_optuna_preset_searches_lr_decay_and_k():
+    cfg = compose(["experiment=optuna_search", "model=tiny"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {
+        "optimizer.lr", "stabilizer.llrd.decay", "stabilizer.reinit.layers"}
+    assert set(cfg.stabilizer) == {"llrd", "reinit"}
+
+
+@pytest.mark.parametrize("launcher,target,key,value", [
+    ("parallel", "JoblibLauncher", "n_jobs", 2),
+    ("slurm_gpu", "SlurmLauncher", "gpus_per_node", 1),
+    ("local_jobs", "LocalLauncher", "gpus_per_node", 0),
+])
+def test_launcher_presets_compose(launcher, target, key, value):
+    cfg = compose([f"hydra/launcher={launcher}"])
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.launcher[key] == value
+
+
+def test_composed_stabilizers_and_knobs():
+    cfg = compose(["stabilizer=[llrd,reinit_top]", "stabilizer.llrd.decay=0.7",
+                   "stabilizer.reinit.layers=2"])
+    assert OmegaConf.to_container(cfg.stabilizer) == {
+        "llrd": {"decay": 0.7}, "reinit": {"layers": 2, "pooler": True}}
+
+
+# ---------------------------------------------------------------- run folder names
+
+
+def test_dirname_is_one_readable_unique_component():
+    assert dirname("seed=3,stabilizer=llrd") == "seed=3,stabilizer=llrd"
+    slash, underscore = dirname("model.name_or_path=a/b"), dirname("model.name_or_path=a_b")
+    assert "/" not in slash and slash.startswith("model.name_or_path=a_b")
+    assert slash != underscore
+    assert slash == dirname("model.name_or_path=a/b")
+    long = ",".join(f"optimizer.lr{i}=0.0001234567" for i in range(40))
+    assert len(dirname(long).encode()) <= 255
+    assert dirname(long) != dirname(long + "1")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A folder to run sweeps in, and the environment that points them at the data."""
+    data = FIXTURES if (FIXTURES / "BIOSSES").is_dir() else _write_biosses(tmp_path / "blurb")
+    env = dict(os.environ, BLURB_DATA_DIR=str(data), BLURBTUNE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HYDRA_FULL_ERROR="1")
+    return tmp_path, env
+
+
+def _write_biosses(root: Path) -> Path:
+    rng = random.Random(0)
+    words = ["kinase", "tumour", "gene", "cell", "protein", "mutation", "expression",
+             "receptor", "pathway"]
+    folder = root / "BIOSSES"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 24), ("dev", 8), ("test", 8)):
+        rows = ["pair_id\tsent1\tsent2\tscore"]
+        for i in range(n):
+            s1, s2 = (" ".join(rng.choices(words, k=8)) for _ in range(2))
+            rows.append(f"{split}{i}\t{s1}\t{s2}\t{rng.uniform(0, 4):.1f}")
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _sweep(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    cwd, env = workdir
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _results(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+
+
+def _folder(**overrides) -> str:
+    """Hydra's override_dirname, recomputed: `key=value` pairs sorted, joined by commas."""
+    return ",".join(sorted(f"{k}={v}" for k, v in overrides.items()))
+
+
+@pytest.mark.slow
+def test_stability_sweep_survives_a_failure_resumes_and_reports(workdir):
+    """4 stabilizers x 3 seeds with joblib and DataLoader workers; one run fails; rerun."""
+    cwd, _ = workdir
+    grid = [*SHORT, "name=study", f"stabilizer={','.join(STABILIZERS)}", "seed=0,1,2",
+            "hydra/launcher=parallel", "data.num_workers=1"]
+    sweep = cwd / "outputs" / "multirun" / "study"
+    short = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2}
+    doomed = sweep / _folder(seed=1, stabilizer="llrd", **short)
+    doomed.mkdir(parents=True)
+    (doomed / "predictions").write_text("a file where the run writes its predictions folder")
+
+    _sweep(workdir, *grid)
+    first = _results(sweep)
+    expected = {_folder(seed=s, stabilizer=st, **short) for s in range(3) for st in STABILIZERS}
+    assert set(first) == expected
+    assert first[doomed.name]["status"] == "failed"
+    assert "predictions" in first[doomed.name]["error"]
+    assert (doomed / "error.log").is_file()
+    done = {name for name, r in first.items() if r["status"] == "completed"}
+    assert done == expected - {doomed.name}
+    for name, r in first.items():
+        assert (r["stabilizer"], r["seed"]) == (name.split("stabilizer=")[1].split(",")[0],
+                                                int(name.split("seed=")[1].split(",")[0]))
+    mtimes = {name: (sweep / name / "results.json").stat().st_mtime_ns for name in done}
+
+    (doomed / "predictions").unlink()
+    rerun = _sweep(workdir, *grid)
+    second = _results(sweep)
+    assert all(r["status"] == "completed" for r in second.values())
+    assert {n: (sweep / n / "results.json").stat().st_mtime_ns for n in done} == mtimes
+    assert (rerun.stdout + rerun.stderr).count("already completed, skipping") == len(done)
+    assert not (doomed / "error.log").exists()
+
+    from blurbtune.report.cli import main as report_main
+
+    assert report_main([str(sweep)]) == 0
+    out = sweep / "report"
+    for name in ("runs.csv", "summary.csv", "summary.md", "summary.tex"):
+        assert (out / name).stat().st_size > 0
+    assert list(out.rglob("*.png"))
+    summary = pd.read_csv(out / "summary.csv").set_index("stabilizer")
+    for stabilizer in STABILIZERS:
+        scores = [r["test"]["best"] for r in second.values() if r["stabilizer"] == stabilizer]
+        assert len(scores) == 3
+        assert summary.loc[stabilizer, "test_best_mean"] == pytest.approx(
+            statistics.mean(scores), abs=1e-12)
+        assert summary.loc[stabilizer, "test_best_std"] == pytest.approx(
+            statistics.stdev(scores), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_two_seed_multirun_with_submitit_local(workdir):
+    cwd, _ = workdir
+    _sweep(workdir, *SHORT, "name=two", "seed=0,1", "hydra/launcher=local_jobs")
+    sweep = cwd / "outputs" / "multirun" / "two"
+    results = _results(sweep)
+    short = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2}
+    assert set(results) == {_folder(seed=0, **short), _folder(seed=1, **short)}
+    assert sorted(r["seed"] for r in results.values()) == [0, 1]
+    assert all(r["status"] == "completed" and r["epochs_run"] == 1 for r in results.values())
+    assert (sweep / ".submitit").is_dir()
+
+
+@pytest.mark.slow
+def test_bad_knob_and_divergence_are_recorded_and_the_sweep_goes_on(workdir):
+    """Basic launcher: lr=1e6 makes the loss NaN (diverged); 99 layers is a bad knob (failed)."""
+    cwd, _ = workdir
+    _sweep(workdir, *SHORT, "name=bad", "stabilizer=reinit_top", "optimizer.lr=1e6",
+           "stabilizer.reinit.layers=1,99")
+    results = _results(cwd / "outputs" / "multirun" / "bad")
+    by_layers = {r["stabilizer_knobs"]["reinit.layers"]: r for r in results.values()}
+    assert by_layers[1]["status"] == "diverged"
+    assert by_layers[1]["error"].startswith("DivergedError: training loss became nan")
+    assert by_layers[99]["status"] == "failed"
+    assert "stabilizer.reinit.layers" in by_layers[99]["error"]
+
+
+@pytest.mark.slow
+def test_optuna_search_survives_a_failed_trial(workdir):
+    """lr=1e6 trials diverge and are told to optuna as failed; the search goes on.
+
+    The preset's seeded sampler fixes which lr each trial draws; with this seed both occur.
+    A trial that repeats a finished configuration finds its folder and reuses the result.
+    """
+    cwd, _ = workdir
+    _sweep(workdir, "experiment=[smoke,optuna_search]", *SHORT[1:], "name=search",
+           "hydra.sweeper.n_trials=3", "optimizer.lr=choice(1e6,2e-5)",
+           "stabilizer.llrd.decay=choice(0.8)", "stabilizer.reinit.layers=choice(1)")
+    sweep = cwd / "outputs" / "multirun" / "search"
+    results = list(_results(sweep).values())
+    assert len(results) == 2  # one folder per distinct configuration
+    for r in results:
+        assert r["status"] == ("diverged" if r["lr"] > 1 else "completed")
+    assert {r["status"] for r in results} == {"completed", "diverged"}
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert math.isclose(best.best_value, max(r["dev"]["best"] for r in results
+                                             if r["status"] == "completed"), abs_tol=1e-12)
+    assert best.best_params["optimizer.lr"] == pytest.approx(2e-5)
