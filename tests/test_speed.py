@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from blurbtune.config import compose
-from blurbtune.datamodule import length_grouped_sampler
+from blurbtune.datamodule import LengthGroupedOrder
 from blurbtune.models import package_path, tokenizer_fingerprint
 from blurbtune.reproducibility import set_matmul_precision
 from blurbtune.tasks.base import label_index
@@ -25,22 +25,33 @@ def _dataset(n: int = 400, seed: int = 0) -> tuple[datasets.Dataset, list[int]]:
 
 
 def _epochs(sampler, n: int) -> list[list[int]]:
-    return [list(sampler) for _ in range(n)]
+    out = []
+    for epoch in range(n):
+        sampler.set_epoch(epoch)  # Lightning does this before each epoch
+        out.append(list(sampler))
+    return out
+
+
+def length_grouped(lengths: list[int], batch_size: int, seed: int) -> LengthGroupedOrder:
+    return LengthGroupedOrder(len(lengths), seed, lengths, batch_size)
 
 
 def test_length_grouped_sampler_yields_every_index_once_per_epoch():
-    ds, _ = _dataset(397)
-    sampler = length_grouped_sampler(ds, 16, torch.Generator().manual_seed(3))
+    _, lengths = _dataset(397)
+    sampler = length_grouped(lengths, 16, 3)
     for order in _epochs(sampler, 3):
         assert sorted(order) == list(range(397))
 
 
 def test_length_grouped_sampler_is_deterministic_per_seed_and_reshuffles_each_epoch():
-    ds, _ = _dataset()
-    a = _epochs(length_grouped_sampler(ds, 16, torch.Generator().manual_seed(7)), 2)
-    b = _epochs(length_grouped_sampler(ds, 16, torch.Generator().manual_seed(7)), 2)
-    c = _epochs(length_grouped_sampler(ds, 16, torch.Generator().manual_seed(8)), 2)
+    _, lengths = _dataset()
+    a = _epochs(length_grouped(lengths, 16, 7), 2)
+    b = _epochs(length_grouped(lengths, 16, 7), 2)
+    c = _epochs(length_grouped(lengths, 16, 8), 2)
     assert a == b
+    resumed = length_grouped(lengths, 16, 7)
+    resumed.set_epoch(1)
+    assert list(resumed) == a[1]  # an epoch's order depends on (seed, epoch) only
     assert a[0] != c[0]
     assert a[0] != a[1]
 
@@ -56,7 +67,7 @@ def test_length_grouped_batches_need_less_padding_than_random_batches():
             fracs.append(1 - sum(lens) / (max(lens) * len(lens)))
         return statistics.mean(fracs)
 
-    grouped = padding(length_grouped_sampler(ds, 16, torch.Generator().manual_seed(0)))
+    grouped = padding(length_grouped(lengths, 16, 0))
     shuffled = padding(RandomSampler(ds, generator=torch.Generator().manual_seed(0)))
     assert shuffled > 0.3  # lengths uniform in [3, 300): random batches are half padding
     assert grouped < shuffled / 2

@@ -15,13 +15,14 @@ from typing import Any
 import datasets
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from blurbtune import __version__
 from blurbtune.data import SPLITS, Split, read_splits
 from blurbtune.models import tokenizer_fingerprint
+from blurbtune.reproducibility import EpochPermutation, derived_seed, seed_worker
 from blurbtune.tasks import task_type
 
 META = ("example_idx", "word_offset")
@@ -68,12 +69,17 @@ def _encoder_code_hash(kind: Any) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
-def length_grouped_sampler(ds: datasets.Dataset, batch_size: int,
-                           generator: torch.Generator) -> LengthGroupedSampler:
-    """Random order, then similar lengths batched together (less padding); seeded by
-    `generator`, so the order is the same for the same data seed and differs each epoch."""
-    lengths = [len(ids) for ids in ds["input_ids"]]
-    return LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+class LengthGroupedOrder(EpochPermutation):
+    """Random order with similar lengths batched together (less padding), still a function of
+    (data_seed, epoch) only, so a resumed epoch replays it exactly."""
+
+    def __init__(self, n: int, seed: int, lengths: list[int], batch_size: int) -> None:
+        super().__init__(n, seed)
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+        return list(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=gen))
 
 
 class Collator:
@@ -121,6 +127,8 @@ class BlurbDataModule(pl.LightningDataModule):
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
         self.from_cache: dict[str, bool] = {}
+        self.train_sampler: EpochPermutation | None = None
+        self._resume_skip = 0
 
     def prepare(self) -> None:
         """Read and tokenise every split (idempotent); called before training starts."""
@@ -151,16 +159,29 @@ class BlurbDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.encoded[split].with_format(None)
         if train:
-            gen = torch.Generator().manual_seed(int(self.data_seed))
-            sampler = (length_grouped_sampler(ds, self.batch_size, gen) if self.group_by_length
-                       else RandomSampler(ds, generator=gen))
+            # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
+            if self.group_by_length:
+                lengths = [len(ids) for ids in ds["input_ids"]]
+                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed, lengths,
+                                                        self.batch_size)
+            else:
+                self.train_sampler = EpochPermutation(len(ds), self.data_seed)
+            self.train_sampler.skip(self._resume_skip)
+            self._resume_skip = 0
+            sampler = self.train_sampler
         else:
             sampler = SequentialSampler(ds)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, collate_fn=Collator(self.tokenizer, self.kind.head),
                           num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
+                          worker_init_fn=seed_worker,
+                          generator=torch.Generator().manual_seed(int(self.data_seed)),
                           multiprocessing_context=worker_context(self.num_workers))
+
+    def resume_at(self, batches_done: int) -> None:
+        """Make the next training pass skip the batches an interrupted run already trained on."""
+        self._resume_skip = int(batches_done) * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 
 def seed_all(seed: int) -> None:
@@ -30,6 +31,7 @@ def enable_determinism(deterministic: bool) -> dict:
         "cudnn.benchmark": torch.backends.cudnn.benchmark,
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "torch_threads": torch.get_num_threads(),
+        "dataloader": "per-epoch permutation from (data_seed, epoch); seeded worker_init_fn",
     }
 
 
@@ -56,3 +58,74 @@ def set_matmul_precision(precision: str | None) -> dict:
         torch.set_float32_matmul_precision(precision)
     return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
             "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (NumPy's SeedSequence), e.g. (data_seed, epoch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+               .astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64))
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed Python and NumPy in a worker from torch's worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class EpochPermutation(Sampler[int]):
+    """Random order of `n` examples that depends only on (seed, epoch).
+
+    Lightning calls `set_epoch` before each epoch, so a resumed run replays the order of the
+    epoch it resumes in; `skip(k)` drops the first `k` indices of the next pass (the examples
+    the interrupted run had already trained on).
+
+    >>> s = EpochPermutation(4, seed=0); s.set_epoch(1); sorted(s) == [0, 1, 2, 3]
+    True
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self._skip = n, int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, k: int) -> None:
+        self._skip = int(k)
+
+    def order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self):
+        start, self._skip = self._skip, 0
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) RNG states, as plain lists and tensors."""
+    np_state = np.random.get_state()
+    return {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple | list) else value

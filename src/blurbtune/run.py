@@ -1,14 +1,17 @@
 """One fine-tuning run, from a composed config to a run folder.
 
 The folder holds `.hydra/` (Hydra writes it), `param_groups.json`, `results.json`,
-`predictions/{dev,test,test_last}.jsonl`, `metrics.csv` (Lightning's CSV log) and, with
-`save_model=true`, `model/`. A run whose `results.json` says completed is not run again.
+`predictions/{dev,test,test_last}.jsonl`, `provenance.json`, `metrics.csv` (Lightning's CSV
+log) and, with `save_model=true`, `model/`. A run whose `results.json` says completed is not
+run again; one that left `checkpoints/last.ckpt` resumes from it; only otherwise does it start
+fresh.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -17,11 +20,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from blurbtune import stabilizers
+from blurbtune import provenance, stabilizers
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
-from blurbtune.io import read_json, write_json, write_jsonl
+from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
 from blurbtune.models import load_model, load_tokenizer
 from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import (
@@ -30,6 +34,7 @@ from blurbtune.reproducibility import (
     seed_all,
     set_matmul_precision,
 )
+from blurbtune.resume import Resumable, last_checkpoint, remove_checkpoints
 
 log = logging.getLogger("blurbtune")
 
@@ -67,16 +72,20 @@ def apply_stabilizers(model: torch.nn.Module, stab: Any, lr: float, weight_decay
     stab = stab or {}
     frozen: list[str] = []
     reinit: list[str] = []
-    if "freeze" in stab:
-        frozen = stabilizers.freeze_lower_layers(
-            model, int(stab.freeze.layers), embeddings=bool(stab.freeze.get("embeddings", True)))
-    if "reinit" in stab:
-        gen = torch.Generator().manual_seed(int(init_seed))
-        reinit = stabilizers.reinit_top_layers(
-            model, int(stab.reinit.layers), pooler=bool(stab.reinit.get("pooler", True)),
-            generator=gen)
-    decay = float(stab.llrd.decay) if "llrd" in stab else 1.0
-    groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
+    try:
+        if "freeze" in stab:
+            frozen = stabilizers.freeze_lower_layers(
+                model, int(stab.freeze.layers),
+                embeddings=bool(stab.freeze.get("embeddings", True)))
+        if "reinit" in stab:
+            gen = torch.Generator().manual_seed(int(init_seed))
+            reinit = stabilizers.reinit_top_layers(
+                model, int(stab.reinit.layers), pooler=bool(stab.reinit.get("pooler", True)),
+                generator=gen)
+        decay = float(stab.llrd.decay) if "llrd" in stab else 1.0
+        groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
+    except ValueError as e:  # the stabilizers name the key and the range expected
+        raise ConfigError(str(e)) from None
     return groups, frozen, reinit
 
 
@@ -119,14 +128,17 @@ def run(cfg: DictConfig) -> float:
     started = time.time()
     try:
         result = _train(cfg, out, seeds, identity)
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt, SystemExit) as e:
+        interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
         status = "diverged" if isinstance(e, DivergedError) else (
-            "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        (out / "error.log").write_text(traceback.format_exc())
+            "interrupted" if interrupted else "failed")
+        write_text_atomic(out / "error.log", traceback.format_exc())
         if not cfg.get("dry_run"):
             write_json(results_path, {"status": status, "error": f"{type(e).__name__}: {e}",
                                       **identity, "train_time_s": time.time() - started})
-        if isinstance(e, KeyboardInterrupt) or not _in_multirun():
+        if isinstance(e, SIGTERMException):  # Lightning's has exit code None: say it failed
+            raise SystemExit(128 + signal.SIGTERM) from e
+        if interrupted or not _in_multirun():
             raise
         _release_memory()
         log.error("run %s %s: %s (recorded in %s; the sweep goes on)", out.name, status, e,
@@ -157,8 +169,14 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
+def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict]:
+    """Tokenizer, read and tokenised data, and the model with its stabilizers applied.
+
+    Returns (tokenizer, datamodule, model, extras) with extras holding the optimizer groups,
+    the frozen and re-initialised parameter names and the determinism flags.
+    """
     task = cfg.task
+    check_stabilizer(cfg.stabilizer)
     flags = enable_determinism(bool(cfg.deterministic))
     flags.update(set_matmul_precision(cfg.trainer.get("matmul_precision")))
     seed_all(seeds["seed"])
@@ -177,22 +195,36 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     groups, frozen, reinit = apply_stabilizers(
         model, cfg.stabilizer, float(cfg.optimizer.lr), float(cfg.optimizer.weight_decay),
         seeds["init_seed"])
-    rows = stabilizers.describe_param_groups(model, groups, frozen, reinit)
+    return tokenizer, dm, model, {"groups": groups, "frozen": frozen, "reinit": reinit,
+                                  "determinism": flags}
+
+
+def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
+    task = cfg.task
+    tokenizer, dm, model, extras = build(cfg, seeds)
+    groups, flags = extras["groups"], extras["determinism"]
+    rows = stabilizers.describe_param_groups(model, groups, extras["frozen"], extras["reinit"])
     write_json(out / "param_groups.json", {**identity, "groups": rows})
     print(stabilizers.format_param_table(rows))
     if cfg.get("dry_run"):
         print(f"dry run: nothing trained; the table is in {out / 'param_groups.json'}")
         return math.nan
 
+    provenance.write(out, provenance.collect(
+        overrides=identity["overrides"], model_cfg=cfg.model, model=model, tokenizer=tokenizer,
+        splits=dm.splits, seeds=seeds, determinism=flags))
     write_json(out / "results.json", {"status": "running", **identity})
     seed_all(seeds["seed"])
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
-    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out))
+    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out),
+                          callbacks=[Resumable(out, dm)])
+    resume_from = last_checkpoint(out)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    # The checkpoint is this run's own file, and it holds Python objects (history, preds).
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
     train_time = time.perf_counter() - t0
 
     trainer.test(module, datamodule=dm, verbose=False)
@@ -230,8 +262,12 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "data_time_s": {k: round(v, 3) for k, v in dm.timing.items()},
         "tokenised_from_cache": dm.from_cache,
         "determinism": flags,
+        "resumed_from": str(resume_from) if resume_from else None,
     }
     write_json(out / "results.json", results)
+    if not cfg.get("keep_checkpoints"):
+        remove_checkpoints(out)
+    (out / "error.log").unlink(missing_ok=True)  # left by an interrupted try, now resumed
     _print_summary(results, out)
     return float(dev_best["score"])
 

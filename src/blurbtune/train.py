@@ -23,8 +23,16 @@ def _main(cfg: DictConfig) -> float | None:
     """
     from blurbtune.run import run
 
-    score = run(cfg)
+    try:
+        score = run(cfg)
+    except BlurbtuneError as e:  # only a single run re-raises; Hydra would print a traceback
+        _fail(e)
     return None if math.isnan(score) else score
+
+
+def _fail(e: BlurbtuneError) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -32,5 +40,4 @@ def main() -> None:
     try:
         _main()
     except BlurbtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)

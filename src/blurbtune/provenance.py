@@ -1,0 +1,150 @@
+"""`provenance.json`: what made a run, so its numbers can be traced and re-made.
+
+The command and overrides, the code (git commit and dirty flag), Python and every installed
+package, torch/CUDA/cuDNN and the devices, the model's source with a hash of its weights, the
+sha256 of every data file read, the seeds and the determinism flags in force.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import blurbtune
+from blurbtune.data import sha256_file
+from blurbtune.io import write_json
+
+FILENAME = "provenance.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+# How the run was invoked: a re-run of the recorded config (`blurbtune verify`) differs here.
+VOLATILE = ("command", "overrides")
+
+
+def git_state(path: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the git checkout holding `path`; "unknown" when there is none."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True,
+                                  text=True, timeout=20, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": "unknown", "dirty": "unknown", "root": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": "unknown" if status is None else bool(status),
+            "root": git("rev-parse", "--show-toplevel")}
+
+
+def packages() -> dict[str, str]:
+    """Every installed distribution and its version, sorted by name."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found[name] = dist.version
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def devices() -> list[str]:
+    names = [platform.processor() or platform.machine()]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                names = [line.split(":", 1)[1].strip()]
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        names += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return names
+
+
+def weights_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of each weights file directly in `folder`."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)}
+
+
+def model_source(model_cfg: Any, model: Any) -> dict[str, Any]:
+    """Where the weights came from: built in code, a local folder, or a hub id and revision."""
+    name = model_cfg.get("name_or_path")
+    if not name:
+        return {"name": str(model_cfg.name), "source": "built in code", "weights": None}
+    name = str(name)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"name": str(model_cfg.name), "source": "local", "path": str(folder.resolve()),
+                "weights": weights_sha256(folder)}
+    revision = getattr(model.config, "_commit_hash", None)
+    weights: dict[str, str] = {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(name, filename, revision=revision)
+            if isinstance(cached, str):
+                weights[filename] = sha256_file(Path(cached))
+    except ImportError:
+        pass
+    return {"name": str(model_cfg.name), "source": "hub", "hub_id": name,
+            "revision": revision or "unknown", "weights": weights or "unknown"}
+
+
+def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
+            splits: dict[str, Any], seeds: dict, determinism: dict) -> dict[str, Any]:
+    """The provenance record of a run (a plain, JSON-ready dict)."""
+    from blurbtune.models import tokenizer_fingerprint
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "command": sys.argv,
+        "overrides": list(overrides),
+        "code": {"blurbtune": blurbtune.__version__,
+                 "source": str(Path(blurbtune.__file__).parent),
+                 **git_state(Path(blurbtune.__file__).parent)},
+        "python": {"version": sys.version.split()[0], "implementation":
+                   platform.python_implementation(), "platform": platform.platform()},
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda,
+                  "cudnn": cudnn, "devices": devices()},
+        "model": model_source(model_cfg, model),
+        "tokenizer": {"source": str(model_cfg.get("tokenizer") or model_cfg.name_or_path),
+                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "data": {name: {"path": str(Path(split.path).resolve()), "sha256": split.sha256}
+                 for name, split in splits.items()},
+        "seeds": seeds,
+        "determinism": determinism,
+        "packages": packages(),
+    }
+
+
+def write(run_dir: Path, record: dict) -> Path:
+    path = Path(run_dir) / FILENAME
+    write_json(path, record)
+    return path
+
+
+def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} for nested dicts; lists are leaves."""
+    if not isinstance(record, dict):
+        return {prefix: record}
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differences(old: dict, new: dict, ignore: tuple[str, ...] = VOLATILE) -> list[str]:
+    """Keys whose values differ between two provenance records (`ignore`d prefixes skipped)."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b))
+            if not k.startswith(ignore) and a.get(k) != b.get(k)]

@@ -1,0 +1,189 @@
+"""Bad input: one-line errors naming the file, key or value, raised before training; and
+nothing a failure or a kill leaves behind can damage completed results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from tiny_runs import BAD, FIXTURES, copy_task_folder, needs_fixtures, tiny_config
+
+from blurbtune.errors import BlurbtuneError
+from blurbtune.io import write_json, write_jsonl
+from blurbtune.run import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if training starts: the error must come first."""
+    def fit(*args, **kwargs):
+        raise AssertionError("training started before the bad input was reported")
+
+    monkeypatch.setattr("pytorch_lightning.Trainer.fit", fit)
+
+
+def error_of(tmp_path, *overrides, data_dir=FIXTURES) -> str:
+    with pytest.raises(BlurbtuneError) as e:
+        run(tiny_config(tmp_path / "run", tmp_path / "cache", *overrides, data_dir=data_dir))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+pytestmark = [needs_fixtures, pytest.mark.usefixtures("no_training")]
+
+
+def test_missing_data_dir(tmp_path):
+    msg = error_of(tmp_path, data_dir=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere" / "BIOSSES") in msg and "expected" in msg
+
+
+def test_missing_split(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "data", drop=("test.tsv",))
+    msg = error_of(tmp_path, data_dir=data)
+    assert "test.tsv" in msg and "missing test split" in msg
+
+
+def test_malformed_line(tmp_path):
+    data = copy_task_folder("chemprot", tmp_path / "data",
+                            {"train.tsv": BAD / "relation_missing_column.tsv"})
+    msg = error_of(tmp_path, "task=chemprot", data_dir=data)
+    assert "chemprot/train.tsv:2" in msg and "columns" in msg
+
+
+def test_unknown_label(tmp_path):
+    data = copy_task_folder("chemprot", tmp_path / "data",
+                            {"dev.tsv": BAD / "relation_unknown_label.tsv"})
+    msg = error_of(tmp_path, "task=chemprot", data_dir=data)
+    assert "chemprot/dev.tsv:2" in msg and "'CPR:7'" in msg and "expected one of" in msg
+
+
+def test_unknown_ner_tag(tmp_path):
+    data = copy_task_folder("NCBI-disease", tmp_path / "data",
+                            {"train.tsv": BAD / "ner_unknown_tag.tsv"})
+    msg = error_of(tmp_path, "task=ncbi_disease", data_dir=data)
+    assert "train.tsv:9" in msg and "B-Foo" in msg
+
+
+def test_empty_split(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "data", {"train.tsv": BAD / "empty_train.tsv"})
+    msg = error_of(tmp_path, data_dir=data)
+    assert "BIOSSES/train.tsv" in msg and "no examples" in msg
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    msg = error_of(tmp_path, "model=minilm", f"model.name_or_path={tmp_path}/no-model")
+    assert f"{tmp_path}/no-model" in msg and "no such folder" in msg
+
+
+def test_hub_id_while_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = error_of(tmp_path, "model=pubmedbert")
+    assert "HF_HUB_OFFLINE" in msg and "model.name_or_path='microsoft/" in msg
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("stabilizer=freeze_lower", "stabilizer.freeze.layers=5"), "stabilizer.freeze.layers"),
+    (("stabilizer=reinit_top", "stabilizer.reinit.layers=9"), "stabilizer.reinit.layers"),
+])
+def test_more_layers_than_the_model_has(tmp_path, overrides, key):
+    msg = error_of(tmp_path, *overrides)
+    assert key in msg and "between 0 and 4" in msg
+
+
+@pytest.mark.parametrize("decay", ["0", "-0.5", "1.5"])
+def test_llrd_decay_outside_0_1(tmp_path, decay):
+    msg = error_of(tmp_path, "stabilizer=llrd", f"stabilizer.llrd.decay={decay}")
+    assert "stabilizer.llrd.decay" in msg and "(0, 1]" in msg
+
+
+def test_max_length_beyond_position_embeddings(tmp_path):
+    msg = error_of(tmp_path, "task.max_length=1000")
+    assert "task.max_length=1000" in msg and "512 position embeddings" in msg
+
+
+def test_unknown_stabilizer_knob_added(tmp_path):
+    msg = error_of(tmp_path, "stabilizer=llrd", "+stabilizer.llrd.decai=0.5")
+    assert "stabilizer.llrd.decai" in msg and "known: ['decay']" in msg
+
+
+def test_unknown_stabilizer_knob_is_rejected_by_the_config(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"stabilizer\.llrd\.decai"):
+        tiny_config(tmp_path, tmp_path, "stabilizer=llrd", "stabilizer.llrd.decai=0.5")
+
+
+def test_a_failed_rerun_never_overwrites_completed_results(tmp_path, monkeypatch):
+    monkeypatch.undo()  # this one trains
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
+    run(cfg)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.json*")}
+    cfg.data_dir = str(tmp_path / "gone")  # a rerun that would fail if it ran
+    best = run(cfg)
+    assert best == json.loads((tmp_path / "run" / "results.json").read_text())["dev"]["best"]
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.json*")} == before
+
+
+def test_a_kill_mid_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    write_jsonl(path, [{"id": 1}])
+    script = (
+        "import os, signal, sys\n"
+        "from blurbtune.io import write_jsonl\n"
+        "def rows():\n"
+        "    yield {'id': 2}\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"write_jsonl({str(path)!r}, rows())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", script], env=env)
+    assert done.returncode == -9
+    assert path.read_text() == '{"id": 1}\n'
+
+
+def test_a_crash_mid_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_json(path, {"status": "completed"})
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"status": "running"})
+    assert json.loads(path.read_text()) == {"status": "completed"}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _train(tmp_path, *args):
+    env = {**os.environ, "BLURB_DATA_DIR": str(FIXTURES), "OMP_NUM_THREADS": "1",
+           "BLURBTUNE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args, "model=tiny",
+                           "trainer.max_epochs=1", "data.max_train_examples=8",
+                           "data.max_eval_examples=4"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_train_py_single_run_bad_input_is_one_line_and_status_2(tmp_path):
+    done = _train(tmp_path, "stabilizer=freeze_lower", "stabilizer.freeze.layers=9")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: stabilizer.freeze.layers")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_train_py_multirun_records_the_bad_run_and_goes_on(tmp_path):
+    done = _train(tmp_path, "-m", "stabilizer=freeze_lower", "stabilizer.freeze.layers=9,1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    status = {p.parent.name: json.loads(p.read_text())["status"]
+              for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert sorted(status.values()) == ["completed", "failed"]
+    failed = next(p for p in (tmp_path / "sweep").glob("*layers=9*/results.json"))
+    assert "stabilizer.freeze.layers" in json.loads(failed.read_text())["error"]

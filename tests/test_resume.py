@@ -1,0 +1,103 @@
+"""A run killed mid-training and restarted ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from tiny_runs import needs_fixtures, prediction_bytes, tiny_config
+
+from blurbtune.module import FineTuner
+from blurbtune.run import run
+
+pytestmark = needs_fixtures
+
+# 16 train examples in batches of 4: 4 batches an epoch; interrupt in the middle of epoch 2.
+OVERRIDES = ("trainer.max_epochs=3",)
+STOP_EPOCH, STOP_BATCH = 1, 1
+COMPARED = ("dev", "test", "history", "best_epoch", "epochs_run", "collapsed")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(tiny_config(out, cache, *OVERRIDES))
+    return out
+
+
+def _interrupt_with(monkeypatch, action):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.current_epoch == STOP_EPOCH and batch_idx == STOP_BATCH:
+            action()
+
+    monkeypatch.setattr(FineTuner, "on_train_batch_end", on_train_batch_end)
+
+
+def _results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def _assert_same_run(resumed, uninterrupted):
+    a, b = _results(resumed), _results(uninterrupted)
+    assert a["status"] == "completed"
+    assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
+    assert prediction_bytes(resumed) == prediction_bytes(uninterrupted)
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _crash():
+    raise RuntimeError("node lost")
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_and_the_rerun_resumes_exactly(
+        tmp_path, cache, uninterrupted, monkeypatch):
+    cfg = tiny_config(tmp_path, cache, *OVERRIDES)
+    with monkeypatch.context() as m:
+        _interrupt_with(m, _sigterm)
+        with pytest.raises(SystemExit) as stopped:
+            run(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert _results(tmp_path)["status"] == "interrupted"
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["blurbtune_resume"]["batches_done"] == STOP_BATCH + 1  # mid-epoch position
+
+    run(cfg)  # the same command again: resumes without being told where from
+    assert _results(tmp_path)["resumed_from"].endswith("last.ckpt")
+    _assert_same_run(tmp_path, uninterrupted)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_crash_resumes_from_the_last_epoch_end_checkpoint(
+        tmp_path, cache, uninterrupted, monkeypatch):
+    cfg = tiny_config(tmp_path, cache, *OVERRIDES)
+    with monkeypatch.context() as m:
+        _interrupt_with(m, _crash)
+        with pytest.raises(RuntimeError, match="node lost"):
+            run(cfg)
+    assert _results(tmp_path)["status"] == "failed"
+    run(cfg)
+    assert _results(tmp_path)["resumed_from"]
+    _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_the_uninterrupted_run_does_change_between_epochs(uninterrupted):
+    """Resume equality means something: training moves the predictions epoch to epoch."""
+    history = [h["dev"] for h in _results(uninterrupted)["history"]]
+    assert len(history) == 3 and len(set(history)) > 1
+
+
+def test_keep_checkpoints_keeps_the_last_checkpoint(tmp_path, cache):
+    run(tiny_config(tmp_path, cache, "keep_checkpoints=true"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert _results(tmp_path)["resumed_from"] is None
