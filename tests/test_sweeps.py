@@ -216,9 +216,9 @@ def test_two_seed_multirun_with_submitit_local(workdir):
 
 @pytest.mark.slow
 def test_bad_knob_and_divergence_are_recorded_and_the_sweep_goes_on(workdir):
-    """Basic launcher: lr=1e6 makes the loss NaN (diverged); 99 layers is a bad knob (failed)."""
+    """Basic launcher: lr=1e30 makes the loss NaN (diverged); 99 layers is a bad knob (failed)."""
     cwd, _ = workdir
-    _sweep(workdir, *SHORT, "name=bad", "stabilizer=reinit_top", "optimizer.lr=1e6",
+    _sweep(workdir, *SHORT, "name=bad", "stabilizer=reinit_top", "optimizer.lr=1e30",
            "stabilizer.reinit.layers=1,99")
     results = _results(cwd / "outputs" / "multirun" / "bad")
     by_layers = {r["stabilizer_knobs"]["reinit.layers"]: r for r in results.values()}
