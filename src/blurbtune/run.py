@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from blurbtune import provenance, stabilizers
 from blurbtune.datamodule import BlurbDataModule
-from blurbtune.errors import BlurbtuneError, ConfigError, DivergedError
+from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
 from blurbtune.models import load_model, load_tokenizer
 from blurbtune.module import FineTuner, baseline
@@ -294,10 +294,11 @@ def _print_summary(r: dict, out: Path) -> None:
           f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch']}), "
           f"last {r['dev']['last']:.4f}; test best {r['test']['best']:.4f}, "
           f"last {r['test']['last']:.4f} (constant predictor: {r['baseline']['test']:.4f})")
-    if r["collapsed"]["test"] or r["test"]["best"] <= r["baseline"]["test"]:
-        print("WARNING: degenerate run: the test predictions collapsed to a constant or score "
-              "no better than the constant predictor. This run learned nothing usable.")
+    reasons = []
+    if r["collapsed"]["test"]:
+        reasons.append("its test predictions are (nearly) constant")
+    if r["test"]["best"] <= r["baseline"]["test"]:
+        reasons.append("its test score is no better than the constant predictor's")
+    if reasons:
+        print(f"WARNING: degenerate run: {' and '.join(reasons)}; it learned nothing usable.")
     print(f"run folder: {out}")
-
-
-__all__ = ["run", "apply_stabilizers", "stabilizer_name", "BlurbtuneError"]
