@@ -65,7 +65,7 @@ def degenerate(runs: pd.DataFrame) -> list[str]:
                 f"{100 * run['baseline_test']:.2f}"
             )
         if run["collapsed_test"]:
-            reasons.append("all test predictions identical")
+            reasons.append("test predictions (nearly) constant")
         where = f"{group_label(run)} seed {number(run['seed'])}"
         messages.append(f"{where}: {'; '.join(reasons)} ({Path(run['path']).parent})")
     return messages

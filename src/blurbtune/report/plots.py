@@ -34,7 +34,7 @@ def varying(frame: pd.DataFrame) -> set[str]:
 def config_label(config: tuple, varies: set[str]) -> str:
     """A short label: the stabilizer, plus knobs, and lr / bs where they vary."""
     stabilizer, knobs, lr, batch_size = config
-    parts = [stabilizer] + ([knobs] if knobs else [])
+    parts = [stabilizer] + (knobs.split(", ") if knobs else [])
     if "lr" in varies:
         parts.append(f"lr={number(lr)}")
     if "batch_size" in varies:
@@ -72,13 +72,15 @@ def plot_scores(runs: pd.DataFrame, out_dir: Path, column: str = "test_best") ->
             widths=0.5,
         )
         rng = np.random.default_rng(0)
+        labelled = False
         for position, (_, group) in enumerate(groups, start=1):
             jitter = position + rng.uniform(-0.12, 0.12, len(group))
             bad = group["degenerate"].to_numpy()
             scores = 100 * group[column].to_numpy()
             ax.scatter(jitter[~bad], scores[~bad], s=18, color="tab:blue", alpha=0.8, zorder=3)
             ax.scatter(jitter[bad], scores[bad], s=30, color="tab:red", marker="x", zorder=3,
-                       label="degenerate run" if bad.any() else None)  # fmt: skip
+                       label="degenerate run" if bad.any() and not labelled else None)  # fmt: skip
+            labelled = labelled or bool(bad.any())
         baseline = frame["baseline_test"].dropna()
         low, high = ax.get_ylim()
         if len(baseline) and low <= 100 * baseline.max() <= high:  # not when far below the data
