@@ -219,8 +219,9 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
+    callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
     trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out),
-                          callbacks=[Resumable(out, dm)])
+                          callbacks=[*callbacks, Resumable(out, dm)])
     resume_from = last_checkpoint(out)
     t0 = time.perf_counter()
     # The checkpoint is this run's own file, and it holds Python objects (history, preds).
