@@ -132,12 +132,14 @@ def hf_compute_metrics(task: Any) -> Any:
             "pico": tagging}.get(str(task.type), accuracy)
 
 
-def hf_encode(examples: list[dict], tokenizer: Any, task: Any, pad: bool) -> Any:
-    """Tokenise with `datasets.map`, as the transformers examples do."""
+def hf_encode(examples: list[dict], tokenizer: Any, task: Any, pad: bool,
+              pad_to: int | None = None) -> Any:
+    """Tokenise with `datasets.map`, as the transformers examples do; with `pad`, every example
+    is padded (and truncated) to `pad_to`, else to the task's max_length."""
     import datasets
 
     padding = "max_length" if pad else False
-    max_length = int(task.max_length)
+    max_length = int(pad_to) if pad and pad_to else int(task.max_length)
     if task.type in ("ner", "pico"):
         def encode(batch: dict) -> dict:
             enc = tokenizer(batch["words"], is_split_into_words=True, truncation=True,
@@ -187,7 +189,8 @@ def run_hf(args: argparse.Namespace, pad: bool) -> dict:
     t0 = time.perf_counter()
     splits = read_splits(task, cfg.data_dir)
     limits = {"train": args.train_examples, "dev": args.eval_examples, "test": args.eval_examples}
-    data = {s: hf_encode(_subset(splits[s], limits[s]), tokenizer, task, pad) for s in splits}
+    data = {s: hf_encode(_subset(splits[s], limits[s]), tokenizer, task, pad,
+                         args.maxpad_length) for s in splits}
     data_s = time.perf_counter() - t0
 
     set_seed(args.seed)
@@ -247,7 +250,8 @@ def run_hf(args: argparse.Namespace, pad: bool) -> dict:
         "eval_s": eval_s, "data_s": data_s, "fit_and_eval_s": fit_s + test_s,
         "parameters": flop_parameters(model),
         "dev_score": dev_score,
-        "padded_length": int(task.max_length) if pad else None, **_memory()}
+        "padded_length": (args.maxpad_length or int(task.max_length)) if pad else None,
+        **_memory()}
 
 
 # --------------------------------------------------------------------------- blurbtune
@@ -373,7 +377,8 @@ def spawn(args: argparse.Namespace, way: str, model: str, task: str) -> dict:
                "--workdir", work, "--child-out", str(out), "--data-dir", args.data_dir,
                "--train-examples", str(args.train_examples), "--eval-examples",
                str(args.eval_examples), "--epochs", str(args.epochs), "--seed", str(args.seed),
-               "--threads", str(args.threads), "--trainer", args.trainer]
+               "--threads", str(args.threads), "--trainer", args.trainer,
+               "--maxpad-length", str(args.maxpad_length)]
         if args.quiet:
             cmd.append("--quiet")
         log = Path(args.out) / "logs" / f"{model}-{task}-{way}.log"
@@ -421,6 +426,9 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=64,
                    help="first N dev and test examples (0: all)")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--maxpad-length", type=int, default=0,
+                   help="length hf-maxpad pads to (0: the task's max_length; BLURB's scripts "
+                        "use 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--trainer", default=None, help="blurbtune trainer preset (default: cpu/gpu)")
