@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blurbtune.errors import DataError
-from blurbtune.tasks import TaskType, task_type
+from blurbtune.tasks import task_type
 
 SPLITS = ("train", "dev", "test")
 
@@ -55,7 +55,3 @@ def read_split(task: Any, data_dir: str | Path, split: str) -> Split:
 
 def read_splits(task: Any, data_dir: str | Path) -> dict[str, Split]:
     return {split: read_split(task, data_dir, split) for split in SPLITS}
-
-
-def kind(task: Any) -> TaskType:
-    return task_type(task.type)
