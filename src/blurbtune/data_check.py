@@ -27,8 +27,9 @@ class SplitCheck:
 
     @property
     def status(self) -> str:
+        """ok, differs, missing or error (the reason is in `note`)."""
         if self.found is None:
-            return self.note or "missing"
+            return "error" if self.note else "missing"
         return "ok" if self.found == self.expected else "differs"
 
 
@@ -41,12 +42,12 @@ def check(data_dir: str | Path) -> list[SplitCheck]:
             try:
                 split_path(task, data_dir, split)
             except DataError:
-                out.append(SplitCheck(name, split, expected, None, "missing"))
+                out.append(SplitCheck(name, split, expected, None))
                 continue
             try:
                 examples = read_split(task, data_dir, split).examples
             except DataError as e:
-                out.append(SplitCheck(name, split, expected, None, f"error: {e}"))
+                out.append(SplitCheck(name, split, expected, None, str(e)))
                 continue
             found = task_type(task.type).count(examples, task)
             out.append(SplitCheck(name, split, expected, found))
@@ -66,25 +67,21 @@ def format_table(checks: list[SplitCheck]) -> str:
             c = rows[split]
             found = "-" if c.found is None else f"{c.found:,}"
             cells.append(f"{found + ' / ' + format(c.expected, ','):>22}")
-            statuses.add(c.status if not c.status.startswith("error") else "error")
-            if c.status.startswith("error"):
-                errors.append(f"  {name}/{split}: {c.note[len('error: '):]}")
+            statuses.add(c.status)
+            if c.status == "error":
+                errors.append(f"  {name}/{split}: {c.note}")
         if statuses == {"ok"}:
             status = "ok"
         elif statuses == {"missing"}:
             status = "not found"
         else:
-            status = ", ".join(f"{s} {'/'.join(sp for sp in SPLITS if _st(rows[sp]) == s)}"
+            status = ", ".join(f"{s} {'/'.join(sp for sp in SPLITS if rows[sp].status == s)}"
                                for s in ("missing", "differs", "error") if s in statuses)
         lines.append(f"{task.blurb.display:<14}{task.folder:<16}{task.blurb.unit:<10}"
                      + "".join(cells) + f"  {status}")
     if errors:
         lines += ["", "unreadable files:", *errors]
     return "\n".join(lines)
-
-
-def _st(c: SplitCheck) -> str:
-    return "error" if c.status.startswith("error") else c.status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
     found = {c.task for c in checks if c.found is not None}
     print(f"\n{len(found)} of {len(tasks())} datasets found; "
           f"{sum(c.status == 'ok' for c in checks)} of {len(checks)} splits match Table 3.")
-    return 1 if any(c.status.startswith("error") for c in checks) else 0
+    return 1 if any(c.status == "error" for c in checks) else 0

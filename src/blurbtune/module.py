@@ -70,6 +70,7 @@ class FineTuner(pl.LightningModule):
         self.best_score = -math.inf
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_dev: dict | None = None  # predictions and score of the best dev epoch
         self.history: list[dict] = []
         self.outputs: dict[str, dict] = {}  # split -> {"preds", "score"} of the latest evaluation
 
@@ -113,7 +114,7 @@ class FineTuner(pl.LightningModule):
         preds = self.kind.decode(rows, examples)
         gold = [ex["gold"] for ex in examples]
         out = {"preds": preds, "score": score(self.task, preds, gold),
-               "lost_words": getattr(self.kind, "lost_words", 0)}
+               "lost_words": rows.lost_words}
         self.outputs[split] = out
         return out
 
@@ -147,7 +148,7 @@ class FineTuner(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blurbtune"] = {"best_score": self.best_score, "best_epoch": self.best_epoch,
                                    "best_state": self.best_state, "history": self.history,
-                                   "best_dev": getattr(self, "best_dev", None)}
+                                   "best_dev": self.best_dev}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("blurbtune", {})
@@ -155,5 +156,4 @@ class FineTuner(pl.LightningModule):
         self.best_epoch = state.get("best_epoch", -1)
         self.best_state = state.get("best_state")
         self.history = state.get("history", [])
-        if state.get("best_dev") is not None:
-            self.best_dev = state["best_dev"]
+        self.best_dev = state.get("best_dev")

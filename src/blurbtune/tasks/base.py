@@ -30,6 +30,7 @@ class Rows:
     logits: list[torch.Tensor]  # one tensor per row ([labels] or [tokens, labels])
     labels: list[torch.Tensor]  # the row's label tensor as fed to the model
     word_offset: list[int] | None = None  # tagging: index of the row's first word
+    lost_words: int = 0  # tagging: words that no window covered (set by `decode`)
 
 
 class TaskType:

@@ -106,7 +106,7 @@ class Tagging(TaskType):
             for j, tag in enumerate(firsts):
                 preds[idx][off + j] = tag
                 filled[idx][off + j] = True
-        self.lost_words = sum(f.count(False) for f in filled)
+        rows.lost_words = sum(f.count(False) for f in filled)
         return preds
 
     def to_json(self, value: Any, task: Any) -> Any:
