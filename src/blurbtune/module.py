@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from blurbtune.diagnostics import GradientStats, grad_norms, part_params
 from blurbtune.errors import DivergedError
 from blurbtune.metrics import METRICS, constant_baseline
 from blurbtune.tasks import Rows, task_type
@@ -73,6 +74,12 @@ class FineTuner(pl.LightningModule):
         self.best_dev: dict | None = None  # predictions and score of the best dev epoch
         self.history: list[dict] = []
         self.outputs: dict[str, dict] = {}  # split -> {"preds", "score"} of the latest evaluation
+        self.grad_stats: GradientStats | None = None
+        self._grad_state: dict | None = None  # from a checkpoint, applied when training starts
+        self._parts: dict[str, list] = {}
+        self._loss_sum: torch.Tensor | float = 0.0  # training loss since the last evaluation
+        self._loss_n = 0
+        self._top_group: int | None = None  # optimizer group of the top encoder layer
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
@@ -84,7 +91,34 @@ class FineTuner(pl.LightningModule):
                                 f", step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["input_ids"].shape[0])
+        self._loss_sum = self._loss_sum + loss.detach()
+        self._loss_n += 1
         return loss
+
+    def on_train_start(self) -> None:
+        self._parts = part_params(self.model)
+        early = round(self.warmup_ratio * self.trainer.estimated_stepping_batches)
+        self.grad_stats = GradientStats(self._parts, early, self.trainer.gradient_clip_val)
+        if self._grad_state is not None:
+            self.grad_stats.load_state_dict(self._grad_state)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-part gradient norms before clipping (Lightning clips after this hook)."""
+        norms = grad_norms(self._parts)
+        self.grad_stats.update(norms)
+        self.log_dict({f"grad_norm/{name}": norms[i]
+                       for i, name in enumerate(self.grad_stats.names)},
+                      on_step=True, on_epoch=False)
+
+    def _epoch_record(self, dev: float) -> dict:
+        """One history row: dev score, mean training loss since the last evaluation, and the
+        top encoder layer's current learning rate."""
+        loss = float(self._loss_sum / self._loss_n) if self._loss_n else None
+        self._loss_sum, self._loss_n = 0.0, 0
+        lr_top = None
+        if self._top_group is not None and self.trainer.optimizers:
+            lr_top = float(self.trainer.optimizers[0].param_groups[self._top_group]["lr"])
+        return {"epoch": self.current_epoch, "dev": dev, "train_loss": loss, "lr_top": lr_top}
 
     def _gather(self, split: str, batch: dict[str, torch.Tensor]) -> None:
         logits = self(batch).logits.detach().float().cpu()
@@ -124,7 +158,7 @@ class FineTuner(pl.LightningModule):
             return
         out = self.evaluate_rows("dev")
         self.log(f"dev/{self.task.metric}", out["score"], prog_bar=True)
-        self.history.append({"epoch": self.current_epoch, "dev": out["score"]})
+        self.history.append(self._epoch_record(out["score"]))
         if out["score"] > self.best_score:
             self.best_score, self.best_epoch = out["score"], self.current_epoch
             self.best_state = {k: v.detach().to("cpu", copy=True)
@@ -138,6 +172,9 @@ class FineTuner(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
                   for g in self.param_groups]
+        layers = [i for i, g in enumerate(self.param_groups)
+                  if str(g.get("name", "")).startswith("layer.")]
+        self._top_group = layers[-1] if layers else None
         optimizer = self.optimizer_factory(groups)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(
@@ -148,7 +185,10 @@ class FineTuner(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blurbtune"] = {"best_score": self.best_score, "best_epoch": self.best_epoch,
                                    "best_state": self.best_state, "history": self.history,
-                                   "best_dev": self.best_dev}
+                                   "best_dev": self.best_dev,
+                                   "grad_stats": self.grad_stats.state_dict()
+                                   if self.grad_stats else None,
+                                   "loss_since_eval": (self._loss_sum, self._loss_n)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("blurbtune", {})
@@ -157,3 +197,5 @@ class FineTuner(pl.LightningModule):
         self.best_state = state.get("best_state")
         self.history = state.get("history", [])
         self.best_dev = state.get("best_dev")
+        self._grad_state = state.get("grad_stats")
+        self._loss_sum, self._loss_n = state.get("loss_since_eval", (0.0, 0))

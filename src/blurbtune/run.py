@@ -255,6 +255,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "best_epoch": module.best_epoch,
         "epochs_run": len(module.history),
         "history": module.history,
+        "diagnostics": module.grad_stats.summary() if module.grad_stats else None,
         "baseline": floor, "collapsed": collapsed,
         "n_examples": {s: len(dm.examples(s)) for s in ("train", "dev", "test")},
         "lost_words": {"dev": dev_best.get("lost_words", 0),

@@ -79,6 +79,20 @@ def _part_order(parts: EncoderParts) -> list[str]:
     return [EMBEDDINGS] + [f"layer.{i}" for i in range(len(parts.layers))] + [POOLER, HEAD]
 
 
+def param_parts(model: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``model`` with its part, ordered bottom to top by part:
+    ``embeddings``, ``layer.<i>`` (0 at the bottom), ``pooler``, ``head``.
+
+    Example::
+
+        param_parts(model)["bert.encoder.layer.0.output.dense.weight"]  # "layer.0"
+    """
+    parts = encoder_parts(model)
+    labels = _param_labels(model, parts)
+    rank = {label: i for i, label in enumerate(_part_order(parts))}
+    return dict(sorted(labels.items(), key=lambda item: rank[item[1]]))
+
+
 def freeze_lower_layers(model: nn.Module, layers: int, embeddings: bool = True) -> list[str]:
     """Set ``requires_grad=False`` on the embeddings (if ``embeddings``) and the bottom ``layers``
     encoder layers; return the frozen parameter names.
