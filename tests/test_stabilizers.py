@@ -22,6 +22,7 @@ from transformers import (
     DistilBertConfig,
     ElectraConfig,
     GPT2Config,
+    ModernBertConfig,
     PretrainedConfig,
     RobertaConfig,
     XLMRobertaConfig,
@@ -86,6 +87,11 @@ CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
         hidden_dim=2 * hidden,
         max_position_embeddings=64,
     ),
+    # Special-token ids inside the tiny vocabulary (the defaults are ModernBERT's 50k ids).
+    "modernbert": lambda hidden=32, layers=L: ModernBertConfig(
+        **_common(hidden, layers), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2,
+    ),
 }
 
 
@@ -113,7 +119,7 @@ FAMILY_HEADS = [(f, h) for f in CONFIGS for h in ("seq", "tok")] + [
 
 # --- independent expectations from parameter names -------------------------------------------
 
-LAYER_RE = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.(\d+)\.")
+LAYER_RE = re.compile(r"(?:^|\.)(?:(?:encoder|transformer)\.layer|layers)\.(\d+)\.")
 EMBEDDING_RE = re.compile(
     r"^(?:embeddings|embeddings_project|encoder\.rel_embeddings|encoder\.LayerNorm|encoder\.conv)\."
 )
@@ -122,9 +128,14 @@ EMBEDDING_RE = re.compile(
 def expected_part(model: nn.Module, name: str) -> str:
     """'embeddings', 'layer.<i>', 'pooler' or 'head' for a parameter name."""
     prefix = "" if model.base_model is model else model.base_model_prefix + "."
+    modernbert = model.config.model_type == "modernbert"
+    if modernbert and name.startswith("head."):
+        return "pooler"  # the pretrained head.dense + head.norm before the classifier
     if not name.startswith(prefix):
         return "head"  # includes DeBERTa's top-level ContextPooler
     inner = name[len(prefix) :]
+    if modernbert and inner.startswith("final_norm."):
+        return f"layer.{model.config.num_hidden_layers - 1}"  # normalises the top layer's output
     if match := LAYER_RE.search(inner):
         return f"layer.{match.group(1)}"
     if EMBEDDING_RE.match(inner):
@@ -144,7 +155,8 @@ def expected_lr(part: str, lr: float, xi: float, total: int = L) -> float:
 
 
 def expected_no_decay(name: str) -> bool:
-    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+    norm = re.search(r"(?:LayerNorm|layer_norm|_norm|\bnorm)\.\w+$", name)
+    return name.endswith("bias") or norm is not None
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -163,7 +175,8 @@ def random_batch(head: str, batch: int = 4, length: int = 8) -> dict[str, torch.
 
 # --- families ----------------------------------------------------------------------------------
 
-POOLED = {("bert", "base"), ("bert", "seq"), ("bert", "multilabel")}
+POOLED = {("bert", "base"), ("bert", "seq"), ("bert", "multilabel"), ("modernbert", "seq"),
+          ("modernbert", "tok")}
 HEAD_PREFIXES = {
     "base": [],
     "tok": ["classifier"],
@@ -182,7 +195,7 @@ def test_encoder_parts_finds_every_part(family: str, head: str) -> None:
     assert parts.family == model.config.model_type
     assert num_layers(model) == L == len(parts.layers)
     for i, (name, module) in enumerate(parts.layers):
-        assert name.endswith(f"layer.{i}") and modules[name] is module
+        assert re.search(rf"layers?\.{i}$", name) and modules[name] is module
     for name, module in parts.embeddings:
         assert modules[name] is module
     assert (parts.pooler is not None) == ((family, head) in POOLED)
@@ -330,9 +343,10 @@ def test_frozen_layers_do_not_move_in_training(family: str, head: str) -> None:
         assert unchanged == (name in frozen), name
 
 
+@pytest.mark.parametrize("family", ["electra", "modernbert"])
 @pytest.mark.parametrize(("k", "embeddings"), [(0, True), (0, False), (3, False), (L, True)])
-def test_freeze_options(k: int, embeddings: bool) -> None:
-    model = make("electra", "tok")
+def test_freeze_options(family: str, k: int, embeddings: bool) -> None:
+    model = make(family, "tok")
     frozen = freeze_lower_layers(model, layers=k, embeddings=embeddings)
     assert set(frozen) == expected_frozen(model, k, embeddings)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -379,7 +393,7 @@ def test_reinit_changes_exactly_the_top_layers(family: str, head: str, pooler: b
     assert len(names) == len(set(names))
     assert set(names) == expected_reinit(model, 2, pooler)
     if (family, head) in POOLED and pooler:
-        assert any(".pooler." in n or n.startswith("pooler.") for n in names)
+        assert any(expected_part(model, n) == "pooler" for n in names)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) == (name not in names), name
 
@@ -419,8 +433,9 @@ def test_reinit_std_follows_initializer_range() -> None:
         assert abs(weight.mean().item()) < 0.037 * 0.03, name
 
 
-def test_reinit_is_reproducible_from_the_generator_seed() -> None:
-    base = make("deberta-v2", "seq")
+@pytest.mark.parametrize("family", ["deberta-v2", "modernbert"])
+def test_reinit_is_reproducible_from_the_generator_seed(family: str) -> None:
+    base = make(family, "seq")
     perturb(base)
     runs = {}
     for label, seed in (("a", 11), ("b", 11), ("c", 12)):
@@ -428,9 +443,42 @@ def test_reinit_is_reproducible_from_the_generator_seed() -> None:
         reinit_top_layers(model, layers=1, generator=torch.Generator().manual_seed(seed))
         runs[label] = snapshot(model)
     assert all(torch.equal(runs["a"][n], runs["b"][n]) for n in runs["a"])
-    top_weights = [n for n in runs["a"] if "layer.3." in n and n.endswith("dense.weight")]
+    top_weights = [n for n in runs["a"] if re.search(r"layers?\.3\..*(dense|W\w+)\.weight$", n)]
     assert top_weights
     assert all(not torch.equal(runs["a"][n], runs["c"][n]) for n in top_weights)
+
+
+def test_modernbert_reinit_draws_from_its_own_truncated_normal() -> None:
+    """ModernBERT's init: N(0, r) for Wqkv and Wi, N(0, r / sqrt(2 L)) for the Wo projections and
+    the head's dense, each cut at ±cutoff std. The sample std of each re-initialised weight is
+    compared with the truncated normal's std from scipy, within 5 standard errors of the sample
+    std for its size (from the distribution's fourth moment)."""
+    from scipy.stats import truncnorm
+
+    cfg = CONFIGS["modernbert"](hidden=128, layers=4)
+    cfg.initializer_range, cfg.initializer_cutoff_factor, cfg.num_labels = 0.05, 2.0, 3
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    perturb(model)
+    names = reinit_top_layers(model, layers=1, generator=torch.Generator().manual_seed(5))
+    weights = {n for n in names if n.endswith(".weight") and "norm" not in n}
+    assert weights == {f"model.layers.3.{m}.weight" for m in ("attn.Wqkv", "attn.Wo", "mlp.Wi",
+                                                               "mlp.Wo")} | {"head.dense.weight"}
+    for name in weights:
+        stated = 0.05 / (8**0.5 if name.endswith(("Wo.weight", "dense.weight")) else 1.0)
+        dist = truncnorm(-2.0, 2.0, scale=stated)
+        values = model.get_parameter(name).detach().double().flatten()
+        n = values.numel()
+        sd = dist.std()
+        se = ((dist.moment(4) - sd**4) / (4 * sd**2 * n)) ** 0.5
+        assert abs(values.std().item() - sd) < 5 * se, (name, values.std().item(), sd, se)
+        assert values.abs().max().item() <= 2.0 * stated * (1 + 1e-6), name
+        # an untruncated normal of this std would put ~4.6% of values beyond 2 std
+        assert abs(values.mean().item()) < 5 * sd / n**0.5, name
+    for name in set(names) - weights:
+        assert torch.equal(model.get_parameter(name), torch.ones_like(model.get_parameter(name)))
+    assert {n for n in names if n not in weights} == {
+        "model.layers.3.attn_norm.weight", "model.layers.3.mlp_norm.weight",
+        "model.final_norm.weight", "head.norm.weight"}
 
 
 def test_reinit_works_on_a_model_loaded_from_a_checkpoint(tmp_path, monkeypatch) -> None:

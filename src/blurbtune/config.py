@@ -7,7 +7,7 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from blurbtune.models import minilm_path, package_path
+from blurbtune.models import attention, minilm_path, package_path
 
 MAX_DIRNAME_BYTES = 200  # file systems allow 255 bytes per name; leave room for temp files
 
@@ -44,6 +44,7 @@ def register_resolvers() -> None:
     """Register blurbtune's resolvers once (idempotent)."""
     for name, fn in {
         "minilm_path": minilm_path,
+        "attention": attention,
         "package_path": package_path,
         "dirname": dirname,
         "mixed_precision": mixed_precision,

@@ -2,15 +2,45 @@
 
 The stabilizers (freezing, re-initialisation, layerwise learning rates) need to know which
 modules of a transformers model are the embeddings, which are the encoder layers (bottom to
-top) and which is the pooler. That knowledge sits in one map, ``FAMILIES``, keyed by
-``model.config.model_type``; adding a family is one entry.
+top) and which is the pooler, and how the family initialises a layer it re-initialises. That
+knowledge sits in one map, ``FAMILIES``, keyed by ``model.config.model_type``; adding a family
+is one entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Init:
+    """A normal(0, ``std``) draw, truncated to [-``bound``, ``bound``] unless ``bound`` is None."""
+
+    std: float
+    bound: float | None = None
+
+
+def normal_init(config: Any, module_name: str) -> Init:
+    """BERT's init, shared by the BERT-derived families: every weight ~ N(0, initializer_range)."""
+    return Init(float(config.initializer_range))
+
+
+def modernbert_init(config: Any, module_name: str) -> Init:
+    """ModernBERT's init (transformers' ``ModernBertPreTrainedModel._init_weights``): normal,
+    truncated at ±``initializer_cutoff_factor`` std (3 when unset); std ``initializer_range``
+    for the input projections (``Wqkv``, ``Wi``) and ``initializer_range / sqrt(2 L)`` for the
+    projections that write back to the residual stream (``Wo``) and the head's ``dense``."""
+    cutoff = config.initializer_cutoff_factor
+    cutoff = 3.0 if cutoff is None else float(cutoff)
+    std = float(config.initializer_range)
+    if module_name.endswith(".Wo") or module_name == "head.dense":
+        std /= math.sqrt(2.0 * config.num_hidden_layers)
+    return Init(std, cutoff * std)
 
 
 @dataclass(frozen=True)
@@ -20,11 +50,20 @@ class Family:
     Paths that a given configuration does not build (ELECTRA's ``embeddings_project`` when
     ``embedding_size == hidden_size``, BERT's ``pooler`` under a token-classification head,
     DeBERTa's ``encoder.LayerNorm`` without ``norm_rel_ebd="layer_norm"``) are skipped.
+
+    ``after_layers`` are modules applied to the top layer's output that count as part of the
+    top layer (ModernBERT's ``final_norm``). ``head_pooler`` is a path relative to the task
+    model, not the base model: a pretrained module outside the base model that sits between
+    the encoder and the classifier and so plays the pooler's part (ModernBERT's ``head``).
+    ``init`` gives the distribution a re-initialised module's weight is drawn from.
     """
 
     embeddings: tuple[str, ...]
     layers: str
     pooler: str | None = None
+    after_layers: tuple[str, ...] = ()
+    head_pooler: str | None = None
+    init: Callable[[Any, str], Init] = field(default=normal_init)
 
 
 _BERT_LIKE = Family(embeddings=("embeddings",), layers="encoder.layer", pooler="pooler")
@@ -43,6 +82,18 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
     ),
     "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer"),
+    # ModernBERT is pre-norm: each layer normalises its input, and final_norm normalises the top
+    # layer's output, the part BERT's top layer does with its own output LayerNorm, so it goes
+    # with the top layer. The task model's head (dense + norm) is loaded from the pretrained
+    # masked-LM checkpoint and feeds the classifier, as BERT's pretrained pooler does: it is
+    # the pooler here (full lr, never frozen, re-initialised with stabilizer.reinit.pooler).
+    "modernbert": Family(
+        embeddings=("embeddings",),
+        layers="layers",
+        after_layers=("final_norm",),
+        head_pooler="head",
+        init=modernbert_init,
+    ),
 }
 
 
@@ -55,6 +106,12 @@ class EncoderParts:
     layers: list[tuple[str, nn.Module]]  # bottom (index 0) to top
     pooler: tuple[str, nn.Module] | None
     head_prefixes: list[str]  # name prefixes of the parameters in none of the parts above
+    after_layers: list[tuple[str, nn.Module]] = field(default_factory=list)  # with the top layer
+
+    def layer_modules(self, i: int) -> list[tuple[str, nn.Module]]:
+        """The modules of layer ``i`` (0 = bottom): the layer, plus ``after_layers`` for the top."""
+        top = i == len(self.layers) - 1 or i == -1
+        return [self.layers[i]] + (self.after_layers if top else [])
 
 
 def _family_of(model: nn.Module) -> tuple[str, Family]:
@@ -104,9 +161,15 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
     layer_list = base.get_submodule(family.layers)
     layers_prefix = _join(base_prefix, family.layers)
     layers = [(f"{layers_prefix}.{i}", layer) for i, layer in enumerate(layer_list)]
+    after_layers = [found for path in family.after_layers if (found := optional(path))]
     pooler = optional(family.pooler) if family.pooler else None
+    if family.head_pooler and base is not model:
+        try:
+            pooler = (family.head_pooler, model.get_submodule(family.head_pooler))
+        except AttributeError:
+            pooler = None
 
-    placed = [name for name, _ in embeddings] + [layers_prefix]
+    placed = [name for name, _ in embeddings + after_layers] + [layers_prefix]
     placed += [pooler[0]] if pooler else []
     head_prefixes: list[str] = []
     for name, _ in model.named_parameters():
@@ -118,7 +181,7 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
                 "entry of blurbtune.families.FAMILIES; add its module there"
             )
         head_prefixes.append(name.split(".")[0])
-    return EncoderParts(family_name, embeddings, layers, pooler, head_prefixes)
+    return EncoderParts(family_name, embeddings, layers, pooler, head_prefixes, after_layers)
 
 
 def num_layers(model: nn.Module) -> int:

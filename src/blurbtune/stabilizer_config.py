@@ -1,0 +1,103 @@
+"""The `stabilizer` section of a run's config: names, knobs and the `recommended` choice.
+
+What stabilizers exist, their section key and their knobs with defaults are read from the
+config group itself (`conf/stabilizer/<name>.yaml`, each holding one section, e.g.
+`llrd: {decay: 0.9}`), so a stabilizer and its knobs are declared in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from blurbtune.errors import ConfigError
+from blurbtune.families import num_layers
+from blurbtune.models import package_path
+from blurbtune.recommend import recommend
+
+RECOMMENDED = "recommended"
+
+
+@dataclass(frozen=True)
+class Stabilizer:
+    """One option of the `stabilizer` config group."""
+
+    name: str  # the option, e.g. freeze_lower
+    section: str  # its key under `stabilizer`, e.g. freeze
+    defaults: dict[str, Any]  # knob -> default value
+
+
+@cache
+def registry() -> dict[str, Stabilizer]:
+    """The stabilizers by section key, in file-name order (`none`, being empty, has none)."""
+    found: dict[str, Stabilizer] = {}
+    for path in sorted(Path(package_path("conf", "stabilizer")).glob("*.yaml")):
+        content = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if len(content) > 1:
+            raise ConfigError(f"{path}: a stabilizer file holds one section, got {list(content)}")
+        for section, knobs in content.items():
+            found[section] = Stabilizer(path.stem, section, dict(knobs or {}))
+    return found
+
+
+def by_name(name: str) -> Stabilizer | None:
+    """The stabilizer of a config-group option (None for `none`)."""
+    return next((s for s in registry().values() if s.name == name), None)
+
+
+def stabilizer_name(stab: Any) -> str:
+    """`none`, or the active stabilizers joined by `+` in a fixed order."""
+    names = [s.name for key, s in registry().items() if stab and key in stab]
+    return "+".join(names) or "none"
+
+
+def stabilizer_knobs(stab: Any) -> dict[str, Any]:
+    """Every knob as `section.knob` -> value, e.g. {"llrd.decay": 0.9}."""
+    if not stab:
+        return {}
+    return {f"{k}.{knob}": stab[k][knob] for k in registry() if k in stab
+            for knob in sorted(stab[k] or {})}
+
+
+def check_stabilizer(stab: Any) -> None:
+    """Unknown stabilizer sections or knobs are errors, named with their key."""
+    known = registry()
+    for section in stab or {}:
+        if section not in known:
+            raise ConfigError(f"stabilizer.{section} is not a stabilizer; known: {sorted(known)}")
+        for knob in stab[section] or {}:
+            if knob not in known[section].defaults:
+                raise ConfigError(f"stabilizer.{section}.{knob} is not a knob of {section}; "
+                                  f"known: {sorted(known[section].defaults)}")
+    if stab and RECOMMENDED in stab and len(stab) > 1:
+        others = sorted(set(stab) - {RECOMMENDED})
+        raise ConfigError(f"stabilizer=recommended chooses the stabilizer itself; it does not "
+                          f"combine with stabilizer.{', stabilizer.'.join(others)}")
+
+
+def resolve(stab: Any, model: nn.Module, task_type: str, n_train: int) -> dict[str, Any]:
+    """The stabilizer the run applies, as results.json records it.
+
+    Returns `stabilizer` (the name applied, never `recommended`), `stabilizer_knobs`,
+    `stabilizer_choice` (e.g. "recommended -> llrd (ELECTRA)", None unless recommended) and
+    `sections` (the config sections to apply). `recommended` applies its choice at that
+    stabilizer's defaults.
+    """
+    check_stabilizer(stab)
+    choice = None
+    sections = {k: dict(v or {}) for k, v in (stab or {}).items()}
+    if RECOMMENDED in sections:
+        low_resource = int(sections[RECOMMENDED].get(
+            "low_resource", registry()[RECOMMENDED].defaults["low_resource"]))
+        rec = recommend(model.config.model_type, num_layers(model), task_type, n_train,
+                        low_resource=low_resource)
+        chosen = by_name(rec.stabilizer)
+        sections = {chosen.section: dict(chosen.defaults)} if chosen else {}
+        choice = str(rec)
+    return {"stabilizer": stabilizer_name(sections), "stabilizer_knobs": stabilizer_knobs(sections),
+            "stabilizer_choice": choice, "sections": sections}
