@@ -436,7 +436,7 @@ def test_duplicate_seed_is_named_and_excluded(tmp_path: Path, capsys) -> None:
     assert main([str(root), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "LEFT OUT: 1 CONFIGURATION(S) WITH TWO FINISHED RUNS OF THE SAME SEEDS" in err
-    assert f"same seeds in {again} and {root / 'llrd1'}" in err
+    assert f"seed 1, data_seed 1, init_seed 1 in {again} and {root / 'llrd1'}" in err
     out = tmp_path / "out"
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.stabilizer) == ["none"]

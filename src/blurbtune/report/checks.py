@@ -16,12 +16,15 @@ def _seeds(values: pd.Series) -> str:
     return ", ".join(number(v) for v in sorted(values.dropna().unique()))
 
 
-def collisions(found: dict[str, list[list[str]]], configs: Configs) -> list[str]:
+def collisions(found: dict[str, list[tuple[dict, list[str]]]], configs: Configs) -> list[str]:
     """One line per configuration left out because two of its finished runs share their seeds."""
     messages = []
     for config, groups in found.items():
-        folders = "; ".join(" and ".join(group) for group in groups)
-        messages.append(f"{configs.label(config)}: same seeds in {folders}")
+        where = "; ".join(
+            ", ".join(f"{key} {number(value)}" for key, value in seeds.items())
+            + " in " + " and ".join(folders)
+            for seeds, folders in groups)
+        messages.append(f"{configs.label(config)}: {where}")
     return messages
 
 

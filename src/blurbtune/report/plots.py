@@ -138,8 +138,8 @@ def _comparison_sets(runs: pd.DataFrame, configs: Configs
                      ) -> list[tuple[str, str, pd.DataFrame]]:
     """(file-name stem, title, runs) per set of configurations that differ only in stabilizer.
 
-    The stem is `<task>_<model>`, with the set's context id appended when a model and task
-    hold several such sets (e.g. two lr or two epoch counts).
+    The stem is `<task>_<model>`; when a model and task hold several such sets (two lr, two
+    epoch counts...), the settings that tell them apart follow, e.g. `_trainer.max_epochs=2`.
     """
     done = finished(runs).copy()
     done["failure"] = is_failure(done).to_numpy()
@@ -147,14 +147,18 @@ def _comparison_sets(runs: pd.DataFrame, configs: Configs
     out = []
     for (model, task), block in done.groupby(["model", "task"], sort=True):
         sets = list(block.groupby("_context", sort=False))
-        for ctx, frame in sets:
+        firsts = configs.table.loc[[frame[GROUP].iloc[0] for _, frame in sets]]
+        keys = [k for k in ("lr", "batch_size", *configs.varying)
+                if firsts[k].nunique(dropna=False) > 1]
+        names = {"lr": "lr", "batch_size": "bs"}
+        labels = [", ".join(f"{names.get(k, k)}={number(v) if k in names else v}"
+                            for k, v in first[keys].items()) for _, first in firsts.iterrows()]
+        unique = len(set(labels)) == len(labels)
+        for (ctx, frame), label in zip(sets, labels, strict=True):
             stem, title = f"{slug(task)}_{slug(model)}", f"{task} - {model}"
             if len(sets) > 1:
-                stem += f"_{ctx}"
-                first = configs.table.loc[frame[GROUP].iloc[0]]
-                settings = [f"lr={number(first['lr'])}", f"bs={number(first['batch_size'])}"]
-                settings += [f"{key}={first[key]}" for key in configs.varying]
-                title += f" ({', '.join(settings)})"
+                stem += "_" + slug(label.replace(", ", "_")) + ("" if unique else f"_{ctx}")
+                title += f" ({label})"
             out.append((stem, title, frame))
     return out
 

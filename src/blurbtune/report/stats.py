@@ -62,18 +62,20 @@ def is_failure(runs: pd.DataFrame) -> pd.Series:
     return (runs["status"] == "diverged") | is_degenerate(runs)
 
 
-def seed_collisions(runs: pd.DataFrame) -> dict[str, list[list[str]]]:
-    """Configurations holding two finished runs with the same seeds: {config: [[folder, ...]]}.
+def seed_collisions(runs: pd.DataFrame) -> dict[str, list[tuple[dict, list[str]]]]:
+    """Configurations holding two finished runs with the same seeds:
+    {config: [({"seed": 0, "data_seed": 0, "init_seed": 0}, [folder, folder]), ...]}.
 
     Such a configuration is left out of every statistic until one of the runs is removed:
     averaging them would count one seed twice.
     """
     done = finished(runs)
     twice = done[done.duplicated([GROUP, *PAIR_KEYS], keep=False)]
-    out: dict[str, list[list[str]]] = {}
-    for (config, *_), group in twice.groupby([GROUP, *PAIR_KEYS], dropna=False, sort=True):
+    out: dict[str, list[tuple[dict, list[str]]]] = {}
+    for (config, *seeds), group in twice.groupby([GROUP, *PAIR_KEYS], dropna=False, sort=True):
         folders = sorted(str(Path(p).parent) for p in group["path"])
-        out.setdefault(config, []).append(folders)
+        named = {key: _as_int(value) for key, value in zip(PAIR_KEYS, seeds, strict=True)}
+        out.setdefault(config, []).append((named, folders))
     return out
 
 
