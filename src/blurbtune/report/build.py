@@ -85,7 +85,7 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     else:
         summary["published_test"] = published
     blurb = stats.blurb_table(summary)
-    if blurb is not None and blurb.empty:
+    if blurb is not None and blurb.empty and not summary.empty:
         notes.append("No BLURB task in this sweep: no BLURB score.")
     report = Report(
         out_dir=out,

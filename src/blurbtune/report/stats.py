@@ -145,8 +145,8 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
     n_finished, failures = len(finished(group)), int(is_failure(group).sum())
     fail_low, fail_high = wilson_interval(failures, n_finished)
     return {
-        "task_type": group["task_type"].iloc[0],
-        "metric": group["metric"].iloc[0],
+        "task_type": group["task_type"].iloc[0] if len(group) else None,
+        "metric": group["metric"].iloc[0] if len(group) else None,
         "runs": len(group),
         "completed": len(done),
         "failed": int((~status.isin(["completed", "running"])).sum()),
@@ -173,8 +173,9 @@ def summarize(runs: pd.DataFrame, configs: Configs) -> pd.DataFrame:
     """One row per configuration with run counts and score statistics, in the configs' order."""
     groups = dict(list(runs.groupby(GROUP, sort=False)))
     rows = [{GROUP: c} | summarize_group(groups[c]) for c in configs.table.index if c in groups]
-    if not rows:
-        return pd.DataFrame(columns=[GROUP, *DESCRIBE, *configs.varying])
+    if not rows:  # every configuration left out: the columns still say what there would be
+        empty = summarize_group(runs.iloc[:0])
+        return pd.DataFrame(columns=[GROUP, *DESCRIBE, *configs.varying, *empty, "model_id"])
     summary = configs.describe(pd.DataFrame(rows))
     summary["model_id"] = configs.table.loc[summary[GROUP], "model_id"].to_numpy()
     return summary
