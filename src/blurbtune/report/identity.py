@@ -31,6 +31,15 @@ PROVENANCE_FILE = "provenance.json"
 
 SEEDS = ("seed", "data_seed", "init_seed")
 
+# Identity keys read from results.json and provenance.json, named after the config key each one
+# records, or after what it is.
+TASK, LR, BATCH_SIZE, EPOCHS = "task.name", "optimizer.lr", "task.batch_size", "trainer.max_epochs"
+STABILIZER, KNOBS = "stabilizer", "stabilizer knobs"
+MODEL, DATA = "model (weights sha256[:8])", "data (sha256[:8])"
+TOKENIZER = "tokenizer (fingerprint)"
+CONFIG_SOURCE = "config file"
+NO_CONFIG = "none (results.json only)"
+
 # Config keys that cannot change a number, left out of a run's identity (a key matches when it
 # is the pattern or lies below it). The one place that decides this; each entry says why.
 NO_EFFECT = {
@@ -39,7 +48,7 @@ NO_EFFECT = {
     "hydra": "Hydra's own settings: output folders, launcher, sweeper, job logging",
     "data.cache_dir": "where tokenised splits are cached (the cache key holds the content)",
     "data.num_workers": "DataLoader processes; the example order comes from data_seed alone",
-    "threads": "torch threads per process",
+    "threads": "torch threads per process (the same sums, perhaps rounded in another order)",
     "save_model": "whether model/ is also written after training",
     "keep_checkpoints": "whether checkpoints are kept after the run",
     "dry_run": "a dry run trains nothing and writes no results",
@@ -50,21 +59,14 @@ NO_EFFECT = {
 }
 # Config keys that name content by a path or a name; the content identifies the run instead.
 BY_CONTENT = {
-    "data_dir": "data (sha256[:8])",
-    "model.name_or_path": "model (weights sha256[:8])",
-    "model.name": "model (weights sha256[:8])",
-    "model.tokenizer": "tokenizer (fingerprint)",
+    "data_dir": DATA,
+    "model.name_or_path": MODEL,
+    "model.name": MODEL,
+    "model.tokenizer": TOKENIZER,
 }
 # The stabilizer config says what was asked for; results.json says what was applied.
 REQUESTED_STABILIZER = "stabilizer"
 
-# Identity keys read from results.json, named after the config key each one records.
-TASK, LR, BATCH_SIZE, EPOCHS = "task.name", "optimizer.lr", "task.batch_size", "trainer.max_epochs"
-STABILIZER, KNOBS = "stabilizer", "stabilizer knobs"
-MODEL, DATA = "model (weights sha256[:8])", "data (sha256[:8])"
-TOKENIZER = "tokenizer (fingerprint)"
-CONFIG_SOURCE = "config file"
-NO_CONFIG = "none (results.json only)"
 # Keys the tables show in their own columns (Task, Stabilizer, Knobs, lr, bs).
 SHOWN = (TASK, STABILIZER, KNOBS, LR, BATCH_SIZE)
 # Values shown shortened: content hashes.
