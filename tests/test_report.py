@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from report_runs import WEIGHTS_A, WEIGHTS_B, write_run
 from scipy import stats as sps
 
 from blurbtune.report import make_report
@@ -25,63 +26,11 @@ from blurbtune.report.stats import (
     paired_test,
 )
 
-KNOBS = {"llrd": {"llrd.decay": 0.9}, "llrd+reinit_top": {"llrd.decay": 0.9, "reinit.layers": 1}}
 BIOSSES = {  # stabilizer -> test_best per seed 0..4
     "none": [0.70, 0.74, 0.78, 0.72, 0.76],
     "llrd": [0.73, 0.74, 0.80, 0.71, 0.79],
     "llrd+reinit_top": [0.75, 0.77, 0.76, 0.74, 0.78],
 }
-
-
-def write_run(
-    root: Path,
-    *,
-    model: str = "minilm",
-    task: str = "biosses",
-    stabilizer: str = "none",
-    seed: int = 0,
-    status: str = "completed",
-    test: tuple[float, float] | None = (0.7, 0.69),
-    dev: tuple[float, float] | None = (0.8, 0.79),
-    lr: float = 3e-5,
-    batch_size: int = 16,
-    baseline_test: float = 0.0,
-    collapsed_test: bool = False,
-    error: str | None = None,
-) -> Path:
-    """A run folder as a sweep writes it; returns the folder."""
-    folder = root / model / task / f"{stabilizer}_lr{lr}_bs{batch_size}" / f"seed={seed}"
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
-    result = {
-        "status": status,
-        "error": error,
-        "task": task,
-        "task_type": "similarity" if task == "biosses" else "classification",
-        "dataset": task.upper(),
-        "model": model,
-        "model_name_or_path": f"/models/{model}",
-        "stabilizer": stabilizer,
-        "stabilizer_knobs": KNOBS.get(stabilizer, {}),
-        "seed": seed,
-        "data_seed": seed,
-        "init_seed": seed,
-        "lr": lr,
-        "batch_size": batch_size,
-        "max_epochs": 10,
-        "metric": "pearson" if task == "biosses" else "micro_f1",
-        "dev": None if dev is None else {"best": dev[0], "last": dev[1]},
-        "test": None if test is None else {"best": test[0], "last": test[1]},
-        "best_epoch": 4,
-        "baseline": {"dev": 0.0, "test": baseline_test},
-        "collapsed": {"dev": False, "test": collapsed_test},
-        "n_examples": {"train": 64, "dev": 16, "test": 20},
-        "train_time_s": 12.3,
-        "run_dir": str(folder),
-        "overrides": [f"seed={seed}", f"stabilizer={stabilizer}"],
-    }
-    (folder / "results.json").write_text(json.dumps(result))
-    return folder
 
 
 @pytest.fixture
@@ -383,3 +332,152 @@ def test_blurb_section_skipped_without_module(monkeypatch, sweep: Path, capsys) 
     assert main([str(sweep)]) == 0
     assert "BLURB score and published reference numbers skipped" in capsys.readouterr().out
     assert not (sweep / "report" / "blurb.csv").exists()
+
+
+# ---------------------------------------------------------------- one group = one configuration
+
+
+def summary_of(root: Path, out: Path) -> pd.DataFrame:
+    return pd.read_csv(make_report([root], out)["summary.csv"])
+
+
+def test_two_epoch_counts_in_one_folder_are_two_configurations(tmp_path: Path, capsys) -> None:
+    """Two sweeps written to one folder, trainer.max_epochs=1 and =2, seeds 0 and 1 each."""
+    root = tmp_path / "sweep"
+    scores = {(1, 0): 0.50, (1, 1): 0.60, (2, 0): 0.70, (2, 1): 0.90}
+    for (epochs, seed), score in scores.items():
+        write_run(root, seed=seed, test=(score, score), config=[f"trainer.max_epochs={epochs}"],
+                  folder=root / f"seed={seed},trainer.max_epochs={epochs}")
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert len(summary) == 2
+    assert sorted(summary["trainer.max_epochs"]) == [1, 2]
+    for _, row in summary.iterrows():
+        mine = [s for (e, _), s in scores.items() if e == row["trainer.max_epochs"]]
+        assert (row.runs, row.n) == (2, 2)
+        assert row.test_best_mean == pytest.approx(statistics.mean(mine))
+        assert row.test_best_std == pytest.approx(statistics.stdev(mine))
+    for name in ("summary.md", "stability.md", "summary.tex"):
+        assert "trainer.max_epochs" in (tmp_path / "out" / name).read_text().replace("\\_", "_")
+    assert "| minilm | biosses | none | 3e-05 | 16 | 1 | 2/2 |" in out  # the column, console
+
+
+def test_two_model_folders_are_two_models(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        for name, weights in (("a", WEIGHTS_A), ("b", WEIGHTS_B)):
+            write_run(root, seed=seed, test=(0.5 + 0.1 * seed, 0.5), config=[], weights=weights,
+                      model_path=f"/models/{name}", folder=root / name / f"seed={seed}")
+    summary = summary_of(root, tmp_path / "out")
+    assert len(summary) == 2 and list(summary.runs) == [2, 2]
+    assert set(summary["model (weights sha256[:8])"]) == {WEIGHTS_A[:8], WEIGHTS_B[:8]}
+    assert set(summary["model_id"]) == {WEIGHTS_A, WEIGHTS_B}
+
+
+def test_paths_workers_and_saving_do_not_split_a_configuration(tmp_path: Path) -> None:
+    """Same weights and data at other paths, other worker counts, save_model: one group."""
+    root = tmp_path / "sweep"
+    write_run(root, seed=0, config=["data_dir=/data/one", "data.num_workers=0"],
+              model_path="/models/here", folder=root / "a")
+    write_run(root, seed=1, config=["data_dir=/data/two", "data.num_workers=4", "save_model=true",
+                                    "data.cache_dir=/elsewhere", "name=other"],
+              model_path="/models/there", folder=root / "b")
+    summary = summary_of(root, tmp_path / "out")
+    assert len(summary) == 1 and summary.runs.iloc[0] == 2
+    assert "model (weights sha256[:8])" not in summary and "data.num_workers" not in summary
+
+
+def test_a_setting_that_changes_numbers_splits(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    write_run(root, seed=0, config=[], folder=root / "a")
+    write_run(root, seed=1, config=["optimizer.weight_decay=0.1"], folder=root / "b")
+    summary = summary_of(root, tmp_path / "out")
+    assert list(summary["optimizer.weight_decay"]) == [0.01, 0.1]
+
+
+def test_stabilizer_groups_by_what_was_applied(tmp_path: Path) -> None:
+    """A config that asked for something else (e.g. a stabilizer picked at run time) groups
+    with the runs that applied the same stabilizer and knobs."""
+    root = tmp_path / "sweep"
+    write_run(root, stabilizer="llrd", seed=0, config=[], folder=root / "asked_llrd")
+    picked = write_run(root, stabilizer="llrd", seed=1, config=[], folder=root / "picked")
+    config = picked / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("stabilizer:\n  llrd:\n    decay: 0.9",
+                                                 "stabilizer:\n  recommended: true"))
+    assert "recommended" in config.read_text()
+    summary = summary_of(root, tmp_path / "out")
+    assert len(summary) == 1 and summary.runs.iloc[0] == 2
+
+
+def test_folders_without_config_group_by_results(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        for epochs in (1, 2):
+            folder = write_run(root, seed=seed, max_epochs=epochs, folder=root / f"{epochs}{seed}")
+            (folder / ".hydra" / "config.yaml").unlink()
+    write_run(root, seed=0, config=[], folder=root / "with_config")  # never pooled with them
+    summary = summary_of(root, tmp_path / "out")
+    assert len(summary) == 3
+    hand = summary[summary["config file"] == "none (results.json only)"]
+    assert sorted(hand["trainer.max_epochs"]) == [1, 2] and list(hand.runs) == [2, 2]
+
+
+def test_duplicate_seed_is_named_and_excluded(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        write_run(root, seed=seed, test=(0.6 + 0.1 * seed, 0.6), config=[],
+                  folder=root / f"none{seed}")
+        write_run(root, stabilizer="llrd", seed=seed, test=(0.7, 0.7), config=[],
+                  folder=root / f"llrd{seed}")
+    # the same llrd run again, in another folder (another sweep name, save_model on)
+    again = write_run(root, stabilizer="llrd", seed=1, test=(0.2, 0.2),
+                      config=["save_model=true", "name=again"], folder=root / "again" / "llrd1")
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "LEFT OUT: 1 CONFIGURATION(S) WITH TWO FINISHED RUNS OF THE SAME SEEDS" in err
+    assert f"seed 1, data_seed 1, init_seed 1 in {again} and {root / 'llrd1'}" in err
+    out = tmp_path / "out"
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.stabilizer) == ["none"]
+    for name in ("paired.csv", "verdict.csv"):
+        assert pd.read_csv(out / name).empty
+    assert set(pd.read_csv(out / "expected_max.csv").stabilizer) == {"none"}
+    assert "llrd1" in (out / "summary.md").read_text()  # named in the table's notes too
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs[runs.stabilizer == "llrd"].excluded.all()
+    assert not runs[runs.stabilizer == "none"].excluded.any()
+
+
+def test_resolver_calls_are_compared_as_written(tmp_path: Path) -> None:
+    """`${oc.env:...}` and blurbtune's resolvers answer for the reader's machine, not the run's."""
+    from blurbtune.report.identity import resolved_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("a: ${oc.env:HOME}\nb: ${a}\nc: ${d}\nd: 3\ne: ${nowhere}\n")
+    config = resolved_config(path)
+    assert config == {"a": "${oc.env:HOME}", "b": "${oc.env:HOME}", "c": 3, "d": 3,
+                      "e": "${nowhere}"}
+
+
+def test_exclusions_are_listed_once() -> None:
+    from blurbtune.report.identity import excluded
+
+    for key in ("seed", "data_seed", "init_seed", "data.cache_dir", "run_dir", "name",
+                "hydra.launcher.n_jobs", "data.num_workers", "save_model", "keep_checkpoints",
+                "dry_run", "logger.mlflow.uri", "data_dir", "model.name_or_path", "model.name",
+                "stabilizer.llrd.decay"):
+        assert excluded(key), key
+    for key in ("trainer.max_epochs", "optimizer.lr", "data.max_train_examples", "deterministic",
+                "model.config.hidden_size", "names", "data.num_workers_extra"):
+        assert not excluded(key), key
+
+
+def test_every_configuration_left_out_still_writes_tables(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    write_run(root, seed=0, folder=root / "a")
+    write_run(root, seed=0, folder=root / "b")
+    assert main([str(root)]) == 0
+    summary = pd.read_csv(root / "report" / "summary.csv")
+    assert summary.empty and {"config", "test_best_mean", "failures"} <= set(summary.columns)
+    assert "Left out of every table" in (root / "report" / "stability.md").read_text()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from blurbtune.report import plots, stats, tables
+from blurbtune.report import checks, plots, stability, stats, tables
 from blurbtune.report.collect import collect, find_results, write_runs
+from blurbtune.report.identity import Configs
 
 
 class NoResultsError(ValueError):
@@ -25,14 +26,22 @@ class Report:
     """What one report computed, and the files it wrote (keyed by path relative to out_dir)."""
 
     out_dir: Path
-    runs: pd.DataFrame
+    runs: pd.DataFrame  # every run read; `excluded` marks those of colliding configurations
+    configs: Configs
     summary: pd.DataFrame
     paired: pd.DataFrame
+    verdicts: pd.DataFrame
     expected_max: pd.DataFrame
     blurb: pd.DataFrame | None
     errors: list[tuple[Path, str]]
+    collisions: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def included(self) -> pd.DataFrame:
+        """The runs every statistic is computed over."""
+        return self.runs[~self.runs["excluded"]]
 
 
 def default_out_dir(paths: list[Path]) -> Path:
@@ -61,8 +70,12 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
     out.mkdir(parents=True, exist_ok=True)
-    runs = found.runs
-    summary = stats.summarize(runs)
+    configs = found.configs
+    collided = stats.seed_collisions(found.runs)
+    runs = found.runs.assign(excluded=found.runs[stats.GROUP].isin(collided),
+                             failure=stats.is_failure(found.runs))
+    included = runs[~runs["excluded"]]
+    summary = stats.summarize(included, configs)
     notes = []
     published = stats.published_reference(summary)
     if published is None:
@@ -72,25 +85,37 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     else:
         summary["published_test"] = published
     blurb = stats.blurb_table(summary)
-    if blurb is not None and blurb.empty:
+    if blurb is not None and blurb.empty and not summary.empty:
         notes.append("No BLURB task in this sweep: no BLURB score.")
     report = Report(
         out_dir=out,
         runs=runs,
+        configs=configs,
         summary=summary,
-        paired=stats.paired_comparisons(runs),
-        expected_max=stats.expected_max_table(runs),
+        paired=stats.paired_comparisons(included, configs),
+        verdicts=stability.verdicts(included, configs),
+        expected_max=stats.expected_max_table(included, configs),
         blurb=blurb,
         errors=found.errors,
+        collisions=checks.collisions(collided, configs),
         notes=notes,
     )
+    varying = configs.varying
     written = {"runs.csv": write_runs(runs, out)}
-    written |= tables.write_summary(summary, out)
-    written |= tables.write_paired(report.paired, out)
+    written |= tables.write_summary(summary, out, varying, report.collisions)
+    written |= tables.write_paired(report.paired, out, varying)
+    written |= tables.write_verdicts(report.verdicts, out, varying)
     written |= tables.write_expected_max(report.expected_max, out)
     if blurb is not None and not blurb.empty:
         written |= tables.write_blurb(blurb, out)
-    for path in plots.plot_scores(runs, out) + plots.plot_expected_max(report.expected_max, out):
+    pngs = plots.plot_scores(included, configs, out)
+    pngs += plots.plot_expected_max(report.expected_max, configs, out)
+    for plot in (plots.plot_dev_curves, plots.plot_grad_norms):
+        drawn, note = plot(included, configs, out)
+        pngs += drawn
+        if note:
+            notes.append(note)
+    for path in pngs:
         written[path.relative_to(out).as_posix()] = path
     report.written = written
     return report

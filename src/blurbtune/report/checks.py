@@ -1,4 +1,5 @@
-"""What a reader of the report must be told: missing seeds, unfinished and degenerate runs."""
+"""What a reader of the report must be told: seed collisions, missing seeds, unfinished and
+degenerate runs."""
 
 from __future__ import annotations
 
@@ -6,34 +7,41 @@ from pathlib import Path
 
 import pandas as pd
 
-from blurbtune.report.stats import GROUP_KEYS, PAIR_KEYS, completed, is_degenerate
+from blurbtune.report.identity import Configs
+from blurbtune.report.stats import GROUP, PAIR_KEYS, completed, is_degenerate
 from blurbtune.report.tables import number
-
-
-def group_label(row: pd.Series) -> str:
-    """e.g. "minilm / biosses / llrd (llrd.decay=0.9, lr=3e-05, bs=16)"."""
-    settings = [row["knobs"]] if row["knobs"] else []
-    settings += [f"lr={number(row['lr'])}", f"bs={number(row['batch_size'])}"]
-    return f"{row['model']} / {row['task']} / {row['stabilizer']} ({', '.join(settings)})"
 
 
 def _seeds(values: pd.Series) -> str:
     return ", ".join(number(v) for v in sorted(values.dropna().unique()))
 
 
-def missing_seeds(runs: pd.DataFrame) -> list[str]:
+def collisions(found: dict[str, list[tuple[dict, list[str]]]], configs: Configs) -> list[str]:
+    """One line per configuration left out because two of its finished runs share their seeds."""
+    messages = []
+    for config, groups in found.items():
+        where = "; ".join(
+            ", ".join(f"{key} {number(value)}" for key, value in seeds.items())
+            + " in " + " and ".join(folders)
+            for seeds, folders in groups)
+        messages.append(f"{configs.label(config)}: {where}")
+    return messages
+
+
+def missing_seeds(runs: pd.DataFrame, configs: Configs) -> list[str]:
     """Configurations with fewer completed seeds than the largest one, and which seeds they lack."""
     groups = [
-        (group.iloc[0], completed(group).drop_duplicates(PAIR_KEYS))
-        for _, group in runs.groupby(GROUP_KEYS, dropna=False, sort=True)
+        (config, completed(group).drop_duplicates(PAIR_KEYS))
+        for config, group in runs.groupby(GROUP, sort=False)
     ]
+    groups.sort(key=lambda item: list(configs.table.index).index(item[0]))
     largest = max((len(done) for _, done in groups), default=0)
     all_seeds = set(completed(runs)["seed"].dropna())
     messages = []
     for config, done in groups:
         if len(done) >= largest:
             continue
-        message = f"{group_label(config)}: {len(done)} of {largest} seeds completed"
+        message = f"{configs.label(config)}: {len(done)} of {largest} seeds completed"
         lacking = pd.Series(sorted(all_seeds - set(done["seed"].dropna())), dtype=float)
         if len(lacking):
             message += f"; missing seed {_seeds(lacking)}"
@@ -41,11 +49,11 @@ def missing_seeds(runs: pd.DataFrame) -> list[str]:
     return messages
 
 
-def unfinished(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
+def unfinished(runs: pd.DataFrame, configs: Configs) -> tuple[list[str], list[str]]:
     """(failed or diverged runs with their errors, runs still running)."""
     failed, running = [], []
     for _, run in runs[runs["status"] != "completed"].iterrows():
-        where = f"{group_label(run)} seed {number(run['seed'])}"
+        where = f"{configs.label(run[GROUP])} seed {number(run['seed'])}"
         if run["status"] == "running":
             running.append(f"{where} ({Path(run['path']).parent})")
         else:
@@ -54,7 +62,7 @@ def unfinished(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     return failed, running
 
 
-def degenerate(runs: pd.DataFrame) -> list[str]:
+def degenerate(runs: pd.DataFrame, configs: Configs) -> list[str]:
     """Completed runs no better than the constant predictor on test, or with constant output."""
     messages = []
     for _, run in runs[is_degenerate(runs)].iterrows():
@@ -66,6 +74,6 @@ def degenerate(runs: pd.DataFrame) -> list[str]:
             )
         if run["collapsed_test"]:
             reasons.append("test predictions (nearly) constant")
-        where = f"{group_label(run)} seed {number(run['seed'])}"
+        where = f"{configs.label(run[GROUP])} seed {number(run['seed'])}"
         messages.append(f"{where}: {'; '.join(reasons)} ({Path(run['path']).parent})")
     return messages

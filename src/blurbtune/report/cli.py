@@ -31,13 +31,19 @@ def _section(title: str, lines: list[str], stream=sys.stdout) -> None:
 
 def print_report(report: Report) -> None:
     """Tables and written files on stdout; problems with the sweep on stderr."""
-    print(tables.summary_markdown(report.summary))
+    varying = report.configs.varying
+    print(tables.summary_markdown(report.summary, varying))
+    print("Stability: failures and spread per configuration\n")
+    print(tables.stability_markdown(report.summary, varying))
     if report.blurb is not None and not report.blurb.empty:
-        print("BLURB (x100; per task the lr with the best mean dev score)\n")
+        print("BLURB (x100; per task the configuration with the best mean dev score)\n")
         print(tables.markdown_table(tables.blurb_display(report.blurb)))
     if not report.paired.empty:
         print("Paired against `none` (test, x100)\n")
-        print(tables.markdown_table(tables.paired_display(report.paired)))
+        print(tables.markdown_table(tables.paired_display(report.paired, varying)))
+    if not report.verdicts.empty:
+        print("Verdict: each stabilizer against `none`\n")
+        print(tables.verdict_markdown(report.verdicts, varying))
     for note in report.notes:
         print(f"Note: {note}")
     print(f"\nWrote {len(report.written)} files to {report.out_dir}:")
@@ -45,20 +51,24 @@ def print_report(report: Report) -> None:
         print(f"  {name}")
 
     err = sys.stderr
-    bad = checks.degenerate(report.runs)
-    if bad:
-        print(f"\n{'!' * 72}", file=err)
-        print(
-            f"!! WARNING: {len(bad)} DEGENERATE RUN(S): no better than the constant predictor "
-            "on test, or constant predictions. They are counted in the means.",
-            file=err,
+    configs, included = report.configs, report.included
+    if report.collisions:
+        _banner(
+            f"!! LEFT OUT: {len(report.collisions)} CONFIGURATION(S) WITH TWO FINISHED RUNS OF "
+            "THE SAME SEEDS. Not in any table, test or plot until one run of each pair is "
+            "removed or rerun under another seed:",
+            report.collisions,
         )
-        print("!" * 72, file=err)
-        for line in bad:
-            print(f"  - {line}", file=err)
-    failed, running = checks.unfinished(report.runs)
+    bad = checks.degenerate(included, configs)
+    if bad:
+        _banner(
+            f"!! WARNING: {len(bad)} DEGENERATE RUN(S): no better than the constant predictor "
+            "on test, or constant predictions. They are counted in the means, and as failures.",
+            bad,
+        )
+    failed, running = checks.unfinished(included, configs)
     _section("Partial sweep: configurations with fewer seeds than the largest one",
-             checks.missing_seeds(report.runs), err)  # fmt: skip
+             checks.missing_seeds(included, configs), err)  # fmt: skip
     _section(f"Failed or diverged runs ({len(failed)}), not in the means:", failed, err)
     _section(f"Still running ({len(running)}), not in the means:", running, err)
     _section(
@@ -66,6 +76,15 @@ def print_report(report: Report) -> None:
         [f"{path}: {reason}" for path, reason in report.errors],
         err,
     )
+
+
+def _banner(title: str, lines: list[str]) -> None:
+    stream = sys.stderr
+    print(f"\n{'!' * 72}", file=stream)
+    print(title, file=stream)
+    print("!" * 72, file=stream)
+    for line in lines:
+        print(f"  - {line}", file=stream)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,15 @@ from typing import Any
 
 import pandas as pd
 
+from blurbtune.report.identity import Configs, build_configs, config_id, knobs_label, run_identity
+
 RESULTS_FILE = "results.json"
 REQUIRED_KEYS = ("status", "task", "model")
 SPLITS = ("dev", "test")
 
 # Columns every runs table has, in this order; `knob.*` columns follow.
 COLUMNS = [
-    "path", "status", "error",
+    "path", "config", "status", "error",
     "task", "task_type", "dataset", "metric",
     "model", "model_name_or_path",
     "stabilizer", "knobs",
@@ -25,8 +27,10 @@ COLUMNS = [
     "dev_best", "dev_last", "test_best", "test_last", "best_epoch",
     "baseline_dev", "baseline_test", "collapsed_dev", "collapsed_test",
     "n_train", "n_dev", "n_test",
-    "train_time_s", "run_dir", "overrides",
+    "train_time_s", "clip_fraction", "run_dir", "overrides",
 ]  # fmt: skip
+# Per-run series kept in the runs table for the plots, not written to runs.csv.
+SERIES = ["history", "grad_norm_early"]
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Collection:
     """The runs found under some folders: one row per run, plus the files that could not be read."""
 
     runs: pd.DataFrame
+    configs: Configs
     errors: list[tuple[Path, str]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
@@ -44,13 +49,6 @@ def find_results(root: Path) -> list[Path]:
     if root.is_file():
         return [root] if root.name == RESULTS_FILE else []
     return sorted(root.rglob(RESULTS_FILE))
-
-
-def knobs_label(knobs: dict[str, Any] | None) -> str:
-    """A stable one-line form of the stabilizer knobs, e.g. "llrd.decay=0.9, reinit.layers=1"."""
-    if not knobs:
-        return ""
-    return ", ".join(f"{key}={knobs[key]}" for key in sorted(knobs))
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -114,7 +112,27 @@ def flatten(data: dict[str, Any], path: Path) -> dict[str, Any]:
         row[f"n_{split}"] = n_examples.get(split)
     for key, value in knobs.items():
         row[f"knob.{key}"] = value
+    row |= diagnostics(data)
     return row
+
+
+def diagnostics(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-epoch history, early gradient norms per part and the clipped fraction, where recorded.
+
+    Older runs lack some or all of them (None); a malformed entry is treated as absent.
+    """
+    history = data.get("history")
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        history = None
+    diag = data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else {}
+    grad = diag.get("grad_norm") if isinstance(diag.get("grad_norm"), dict) else {}
+    early = grad.get("early") if isinstance(grad.get("early"), dict) else None
+    clip = diag.get("clip_fraction")
+    return {
+        "history": history or None,
+        "grad_norm_early": early or None,
+        "clip_fraction": clip if isinstance(clip, int | float) else None,
+    }
 
 
 def collect(paths: Iterable[Path]) -> Collection:
@@ -126,24 +144,32 @@ def collect(paths: Iterable[Path]) -> Collection:
             if file.resolve() not in seen:
                 seen.add(file.resolve())
                 files.append(file)
-    rows, errors = [], []
+    rows, errors, identities = [], [], {}
     for file in files:
         try:
-            rows.append(flatten(load_result(file), file))
+            data = load_result(file)
+            identity = run_identity(file.parent, data)
         except ValueError as exc:
             errors.append((file, str(exc)))
-    return Collection(runs=runs_frame(rows), errors=errors, files=files)
+            continue
+        config = config_id(identity)
+        identities[config] = identity
+        rows.append(flatten(data, file) | {"config": config})
+    runs = runs_frame(rows)
+    return Collection(runs=runs, configs=build_configs(runs, identities), errors=errors,
+                      files=files)
 
 
 def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The runs table with typed score columns, fixed columns first, `knob.*` columns last."""
     frame = pd.DataFrame(rows)
     knob_columns = sorted(c for c in frame.columns if c.startswith("knob."))
-    frame = frame.reindex(columns=COLUMNS + knob_columns)
+    frame = frame.reindex(columns=COLUMNS + knob_columns + SERIES)
     numeric = [
         "lr", "batch_size", "max_epochs", "seed", "data_seed", "init_seed",
         "dev_best", "dev_last", "test_best", "test_last", "best_epoch",
         "baseline_dev", "baseline_test", "n_train", "n_dev", "n_test", "train_time_s",
+        "clip_fraction",
     ]  # fmt: skip
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
@@ -157,5 +183,5 @@ def write_runs(runs: pd.DataFrame, out_dir: Path) -> Path:
     """Write the runs table to `out_dir/runs.csv`."""
     out = Path(out_dir) / "runs.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out, index=False)
+    runs.drop(columns=[c for c in SERIES if c in runs]).to_csv(out, index=False)
     return out

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-# One group = one configuration, run over several seeds.
-GROUP_KEYS = ["model", "task", "stabilizer", "knobs", "lr", "batch_size"]
+from blurbtune.report.identity import Configs
+
+# One group = one configuration (report/identity.py), run over several seeds.
+GROUP = "config"
+# What the tables say about a configuration, in this order (report/identity.py adds the keys
+# that tell apart two configurations of one model and task).
+DESCRIBE = ["model", "task", "stabilizer", "knobs", "lr", "batch_size"]
 # Two runs are paired when all their seeds agree.
 PAIR_KEYS = ["seed", "data_seed", "init_seed"]
 REFERENCE_STABILIZER = "none"
+# Statuses that are a result: a diverged run is a finding of the study, not a missing run.
+FINISHED = ("completed", "diverged")
 
 CONFIDENCE = 0.95
 BOOTSTRAP_METHOD = "percentile"
@@ -44,19 +52,53 @@ def is_degenerate(runs: pd.DataFrame) -> pd.Series:
     return (runs["status"] == "completed") & (worse | runs["collapsed_test"].astype(bool))
 
 
+def finished(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are a result: completed or diverged."""
+    return runs[runs["status"].isin(FINISHED)]
+
+
+def is_failure(runs: pd.DataFrame) -> pd.Series:
+    """Failed fine-tuning: diverged, or completed but degenerate (see is_degenerate)."""
+    return (runs["status"] == "diverged") | is_degenerate(runs)
+
+
+def seed_collisions(runs: pd.DataFrame) -> dict[str, list[tuple[dict, list[str]]]]:
+    """Configurations holding two finished runs with the same seeds:
+    {config: [({"seed": 0, "data_seed": 0, "init_seed": 0}, [folder, folder]), ...]}.
+
+    Such a configuration is left out of every statistic until one of the runs is removed:
+    averaging them would count one seed twice.
+    """
+    done = finished(runs)
+    twice = done[done.duplicated([GROUP, *PAIR_KEYS], keep=False)]
+    out: dict[str, list[tuple[dict, list[str]]]] = {}
+    for (config, *seeds), group in twice.groupby([GROUP, *PAIR_KEYS], dropna=False, sort=True):
+        folders = sorted(str(Path(p).parent) for p in group["path"])
+        named = {key: _as_int(value) for key, value in zip(PAIR_KEYS, seeds, strict=True)}
+        out.setdefault(config, []).append((named, folders))
+    return out
+
+
+def sample_std(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The sample standard deviation (ddof=1), vectorised for scipy.stats.bootstrap."""
+    return np.std(values, ddof=1, axis=axis)
+
+
 def bootstrap_ci(
     values: np.ndarray,
     confidence: float = CONFIDENCE,
     seed: int = BOOTSTRAP_SEED,
     n_resamples: int = BOOTSTRAP_RESAMPLES,
+    statistic: Callable[..., Any] = np.mean,
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean; NaNs when there are < 2 values."""
+    """Seeded percentile bootstrap confidence interval of `statistic` (default the mean);
+    NaNs when there are < 2 values."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if len(values) < 2:
         return float("nan"), float("nan")
     kwargs: dict[str, Any] = dict(
-        statistic=np.mean,
+        statistic=statistic,
         confidence_level=confidence,
         n_resamples=n_resamples,
         method=BOOTSTRAP_METHOD,
@@ -80,14 +122,31 @@ def _describe(values: pd.Series, prefix: str, full: bool = True) -> dict[str, fl
     return out
 
 
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (no continuity correction); NaNs when n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence,
+                                                       method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
-    """Counts and score statistics of one configuration's runs; scores from completed runs only."""
+    """Counts and score statistics of one configuration's runs; scores from completed runs only.
+
+    Failures (diverged, or degenerate) are counted over the finished runs (completed or
+    diverged), with a Wilson interval. The std and its bootstrap interval are over the completed
+    runs' test scores, degenerate ones included: a diverged run has no test score.
+    """
     done = completed(group)
     status = group["status"]
     low, high = bootstrap_ci(done["test_best"].to_numpy())
+    std_low, std_high = bootstrap_ci(done["test_best"].to_numpy(), statistic=sample_std)
+    n_finished, failures = len(finished(group)), int(is_failure(group).sum())
+    fail_low, fail_high = wilson_interval(failures, n_finished)
     return {
-        "task_type": group["task_type"].iloc[0],
-        "metric": group["metric"].iloc[0],
+        "task_type": group["task_type"].iloc[0] if len(group) else None,
+        "metric": group["metric"].iloc[0] if len(group) else None,
         "runs": len(group),
         "completed": len(done),
         "failed": int((~status.isin(["completed", "running"])).sum()),
@@ -96,25 +155,30 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
         **_describe(done["test_best"], "test_best"),
         "test_best_ci_low": low,
         "test_best_ci_high": high,
+        "test_best_std_ci_low": std_low,
+        "test_best_std_ci_high": std_high,
         **_describe(done["test_last"], "test_last"),
         **_describe(done["dev_best"], "dev_best", full=False),
         "degenerate": int(is_degenerate(group).sum()),
+        "diverged": int((status == "diverged").sum()),
+        "finished": n_finished,
+        "failures": failures,
+        "failure_rate": failures / n_finished if n_finished else float("nan"),
+        "failure_ci_low": fail_low,
+        "failure_ci_high": fail_high,
     }
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (GROUP_KEYS) with run counts and score statistics."""
-    rows = []
-    for key, group in runs.groupby(GROUP_KEYS, dropna=False, sort=True):
-        rows.append(dict(zip(GROUP_KEYS, key, strict=True)) | summarize_group(group))
-    if not rows:
-        return pd.DataFrame(columns=GROUP_KEYS)
-    summary = pd.DataFrame(rows)
-    reference_last = summary["stabilizer"] != REFERENCE_STABILIZER  # `none` first in each task
-    order = summary.assign(_ref=reference_last).sort_values(
-        ["model", "task", "_ref", "stabilizer", "knobs", "lr", "batch_size"], kind="stable"
-    )
-    return order.drop(columns="_ref").reset_index(drop=True)
+def summarize(runs: pd.DataFrame, configs: Configs) -> pd.DataFrame:
+    """One row per configuration with run counts and score statistics, in the configs' order."""
+    groups = dict(list(runs.groupby(GROUP, sort=False)))
+    rows = [{GROUP: c} | summarize_group(groups[c]) for c in configs.table.index if c in groups]
+    if not rows:  # every configuration left out: the columns still say what there would be
+        empty = summarize_group(runs.iloc[:0])
+        return pd.DataFrame(columns=[GROUP, *DESCRIBE, *configs.varying, *empty, "model_id"])
+    summary = configs.describe(pd.DataFrame(rows))
+    summary["model_id"] = configs.table.loc[summary[GROUP], "model_id"].to_numpy()
+    return summary
 
 
 def expected_max(values: np.ndarray, k_max: int | None = None) -> np.ndarray:
@@ -150,17 +214,21 @@ def _max_weights(values: np.ndarray, k_max: int | None) -> np.ndarray:
     return (i / n) ** k - ((i - 1) / n) ** k
 
 
-def expected_max_table(runs: pd.DataFrame, column: str = "dev_best") -> pd.DataFrame:
+def expected_max_table(runs: pd.DataFrame, configs: Configs, column: str = "dev_best"
+                       ) -> pd.DataFrame:
     """Expected max of `column` over k = 1..n completed runs, per configuration."""
     rows = []
-    for key, group in completed(runs).groupby(GROUP_KEYS, dropna=False, sort=True):
-        values = group[column].dropna().to_numpy()
+    groups = dict(list(completed(runs).groupby(GROUP, sort=False)))
+    for config in configs.table.index:
+        if config not in groups:
+            continue
+        values = groups[config][column].dropna().to_numpy()
         means, stds = expected_max(values), expected_max_std(values)
         for k, (mean, std) in enumerate(zip(means, stds, strict=True), start=1):
-            row = dict(zip(GROUP_KEYS, key, strict=True))
-            rows.append(row | {"n": len(values), "k": k, "expected_max": mean, "std": std})
-    columns = [*GROUP_KEYS, "n", "k", "expected_max", "std"]
-    return pd.DataFrame(rows, columns=columns)
+            rows.append({GROUP: config, "n": len(values), "k": k, "expected_max": mean,
+                         "std": std})
+    frame = pd.DataFrame(rows, columns=[GROUP, "n", "k", "expected_max", "std"])
+    return configs.describe(frame)
 
 
 def paired_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -187,63 +255,42 @@ def paired_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _reference_group(
-    done: pd.DataFrame, model: Any, task: Any, lr: Any, batch_size: Any
-) -> pd.DataFrame | None:
-    """The `none` runs to compare with: same model and task, same lr and batch size if swept."""
-    same = done[
-        (done["model"] == model)
-        & (done["task"] == task)
-        & (done["stabilizer"] == REFERENCE_STABILIZER)
-    ]
-    configs = same.groupby(["knobs", "lr", "batch_size"], dropna=False)
-    if configs.ngroups == 1:
-        return same
-    exact = same[_equal(same["lr"], lr) & _equal(same["batch_size"], batch_size)]
-    if exact.groupby(["knobs", "lr", "batch_size"], dropna=False).ngroups == 1:
-        return exact
-    return None
+def comparisons(configs: Configs, runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(stabilizer config, its `none` config) for each configuration that has one in `runs`."""
+    present = set(runs[GROUP])
+    table = configs.table
+    return [(config, ref) for config, ref in table["reference"].items()
+            if ref is not None and pd.notna(ref) and config in present and ref in present]
 
 
-def _equal(column: pd.Series, value: Any) -> pd.Series:
-    return column.isna() if pd.isna(value) else column == value
+def pair_up(group: pd.DataFrame, reference: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The completed runs of two configurations side by side over their shared seeds."""
+    return pd.merge(
+        completed(group).dropna(subset=[column]),
+        completed(reference).dropna(subset=[column]),
+        on=PAIR_KEYS,
+        suffixes=("", "_ref"),
+    ).sort_values(PAIR_KEYS)
 
 
-def paired_comparisons(runs: pd.DataFrame, column: str = "test_best") -> pd.DataFrame:
-    """Each stabilizer configuration against `none` on the seeds both completed, per model/task.
+def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test_best"
+                       ) -> pd.DataFrame:
+    """Each stabilizer configuration against `none` on the seeds both completed.
 
-    The reference is the `none` configuration of the same model and task; when several exist
-    (an lr or batch-size sweep), the one with the same lr and batch size.
+    The reference is the `none` configuration that is otherwise identical (same model and data
+    by content, same lr, batch size, epochs and every other setting); a configuration without
+    one is not compared.
     """
-    done = completed(runs).dropna(subset=[column])
     rows = []
-    for key, group in done.groupby(GROUP_KEYS, dropna=False, sort=True):
-        config = dict(zip(GROUP_KEYS, key, strict=True))
-        if config["stabilizer"] == REFERENCE_STABILIZER:
-            continue
-        reference = _reference_group(
-            done, config["model"], config["task"], config["lr"], config["batch_size"]
-        )
-        if reference is None or reference.empty:
-            continue
-        pairs = pd.merge(
-            group.drop_duplicates(PAIR_KEYS, keep="last"),
-            reference.drop_duplicates(PAIR_KEYS, keep="last"),
-            on=PAIR_KEYS,
-            suffixes=("", "_ref"),
-        ).sort_values(PAIR_KEYS)
+    groups = dict(list(runs.groupby(GROUP, sort=False)))
+    for config, ref in comparisons(configs, runs):
+        pairs = pair_up(groups[config], groups[ref], column)
         result = paired_test(pairs[column].to_numpy(), pairs[f"{column}_ref"].to_numpy())
-        rows.append(
-            config
-            | {"ref_lr": reference["lr"].iloc[0], "ref_batch_size": reference["batch_size"].iloc[0]}
-            | result
-            | {"seeds": " ".join(str(_as_int(s)) for s in pairs["seed"])}
-        )
-    columns = [
-        *GROUP_KEYS, "ref_lr", "ref_batch_size",
-        "n", "mean_diff", "wins", "ties", "losses", "wilcoxon_p", "ttest_p", "seeds",
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+        rows.append({GROUP: config, "ref_config": ref} | result
+                    | {"seeds": " ".join(str(_as_int(s)) for s in pairs["seed"])})
+    columns = [GROUP, "ref_config", "n", "mean_diff", "wins", "ties", "losses", "wilcoxon_p",
+               "ttest_p", "seeds"]
+    return configs.describe(pd.DataFrame(rows, columns=columns))
 
 
 def _as_int(value: Any) -> Any:
@@ -289,9 +336,10 @@ def published_reference(summary: pd.DataFrame) -> pd.Series | None:
 def blurb_table(summary: pd.DataFrame) -> pd.DataFrame | None:
     """Per (model, stabilizer, knobs): each BLURB task's mean test score and the BLURB score.
 
-    Where a task was run with several lr / batch sizes, the one with the best mean dev score is
-    used (hyperparameters chosen on dev, as BLURB does). The last row of each block has task
-    "BLURB"; its score is NaN unless all BLURB tasks are present. Scores are fractions.
+    A model is its weights (model_id), so two models of one name are two blocks. Where a task
+    was run in several configurations (lr, batch size, epochs...), the one with the best mean
+    dev score is used (hyperparameters chosen on dev, as BLURB does). The last row of each block
+    has task "BLURB"; its score is NaN unless all BLURB tasks are present. Scores are fractions.
     Returns None when blurbtune.blurb is not available, an empty frame when no task is in BLURB.
     """
     blurb = _blurb()
@@ -302,8 +350,8 @@ def blurb_table(summary: pd.DataFrame) -> pd.DataFrame | None:
     covered = summary[summary["task"].isin(tasks)].copy()
     covered["_dev"] = covered["dev_best_mean"].fillna(-np.inf)
     rows = []
-    for (model, stabilizer, knobs), block in covered.groupby(
-        ["model", "stabilizer", "knobs"], dropna=False, sort=True
+    for (model, _, stabilizer, knobs), block in covered.groupby(
+        ["model", "model_id", "stabilizer", "knobs"], dropna=False, sort=True
     ):
         column = published_column(str(model), list(published.columns))
         best = block.sort_values("_dev", ascending=False).drop_duplicates("task")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from blurbtune.report.stats import BOOTSTRAP_METHOD, CONFIDENCE, REFERENCE_STABILIZER
+from blurbtune.report.stability import ALPHA
+from blurbtune.report.stats import (
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    REFERENCE_STABILIZER,
+)
 
 DIGITS = 2
 MISSING = "-"
@@ -34,25 +43,43 @@ def number(value: Any) -> str:
 
 
 def p_value(value: Any) -> str:
-    return MISSING if pd.isna(value) else f"{float(value):.3f}"
+    if pd.isna(value):
+        return MISSING
+    return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
-def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+def percent(value: Any) -> str:
+    return MISSING if pd.isna(value) else f"{100 * float(value):.0f}%"
+
+
+# Columns every table starts with; the identity keys that tell two configurations apart follow.
+DESCRIPTION = {"model": "Model", "task": "Task", "stabilizer": "Stabilizer", "knobs": "Knobs",
+               "lr": "lr", "batch_size": "bs"}
+
+
+def config_cells(row: pd.Series, varying: Sequence[str] = (), show_knobs: bool = True
+                 ) -> dict[str, str]:
+    """Model, task, stabilizer, knobs, lr, bs and every setting that distinguishes this row
+    (`varying`: the identity keys that tell apart two configurations of one model and task)."""
+    out = {}
+    for key, title in DESCRIPTION.items():
+        if key == "knobs" and not show_knobs:
+            continue
+        value = row[key]
+        out[title] = number(value) if key in ("lr", "batch_size") else (value or MISSING)
+    for key in varying:
+        out[key] = MISSING if pd.isna(row[key]) else str(row[key])
+    return out
+
+
+def summary_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.DataFrame:
     """The summary as strings, one column per thing a reader compares."""
     show_knobs = bool(summary["knobs"].astype(bool).any()) if len(summary) else False
     show_published = "published_test" in summary and summary["published_test"].notna().any()
     rows = []
     for _, row in summary.iterrows():
-        out = {
-            "Model": row["model"],
-            "Task": row["task"],
-            "Stabilizer": row["stabilizer"],
-        }
-        if show_knobs:
-            out["Knobs"] = row["knobs"] or MISSING
+        out = config_cells(row, varying, show_knobs)
         out |= {
-            "lr": number(row["lr"]),
-            "bs": number(row["batch_size"]),
             "n/runs": f"{row['n']}/{row['runs']}",
             "Test best": mean_std(row["test_best_mean"], row["test_best_std"]),
             "Median [min, max]": (
@@ -76,18 +103,13 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
+def paired_display(paired: pd.DataFrame, varying: Sequence[str] = ()) -> pd.DataFrame:
     """The paired comparisons as strings."""
     rows = []
     for _, row in paired.iterrows():
         rows.append(
-            {
-                "Model": row["model"],
-                "Task": row["task"],
-                "Stabilizer": row["stabilizer"],
-                "Knobs": row["knobs"] or MISSING,
-                "lr": number(row["lr"]),
-                "bs": number(row["batch_size"]),
+            config_cells(row, varying)
+            | {
                 "n": str(row["n"]),
                 "Mean diff": f"{100 * row['mean_diff']:+.{DIGITS}f}",
                 "W/T/L": f"{row['wins']}/{row['ties']}/{row['losses']}",
@@ -96,6 +118,87 @@ def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def stability_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.DataFrame:
+    """Failures and spread per configuration, as strings."""
+    show_knobs = bool(summary["knobs"].astype(bool).any()) if len(summary) else False
+    rows = []
+    for _, row in summary.iterrows():
+        rate = MISSING
+        if row["finished"]:
+            rate = (f"{percent(row['failure_rate'])} "
+                    f"[{percent(row['failure_ci_low'])}, {percent(row['failure_ci_high'])}]")
+        std = x100(row["test_best_std"])
+        if pd.notna(row["test_best_std_ci_low"]):
+            std += f" [{x100(row['test_best_std_ci_low'])}, {x100(row['test_best_std_ci_high'])}]"
+        rows.append(
+            config_cells(row, varying, show_knobs)
+            | {
+                "Failures": f"{row['failures']}/{row['finished']}",
+                f"Failure rate [{CONFIDENCE:.0%} CI]": rate,
+                "n": str(row["n"]),
+                "Test mean": x100(row["test_best_mean"]),
+                f"Std [{CONFIDENCE:.0%} CI]": std,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+STABILITY_NOTE = (
+    "Failures: diverged runs, and completed runs no better than the constant predictor on test "
+    "or with constant test predictions (degenerate), out of the finished (completed or "
+    f"diverged) runs; {CONFIDENCE:.0%} Wilson interval. Test mean and std (x100, sample std) "
+    "over the n completed runs' test scores (best dev checkpoint), degenerate runs included; "
+    "diverged runs have no test score and are in neither. Std CI: "
+    f"{CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap ({BOOTSTRAP_RESAMPLES} resamples, "
+    f"seed {BOOTSTRAP_SEED}).\n"
+)
+
+
+def _ratio(value: Any) -> str:
+    if pd.isna(value):
+        return MISSING
+    return "inf" if np.isinf(value) else f"{float(value):.2f}"
+
+
+def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.DataFrame:
+    """The verdict table as strings: every claim with its p-value and n."""
+    rows = []
+    for _, row in verdicts.iterrows():
+        rows.append(
+            config_cells(row, varying)
+            | {
+                "Δ mean (x100)": f"{100 * row['mean_diff']:+.{DIGITS}f} "
+                f"(p={p_value(row['ttest_p'])}, n={row['n_pairs']} pairs)"
+                if pd.notna(row["mean_diff"])
+                else f"{MISSING} (n=0 pairs)",
+                "Std ratio": f"{_ratio(row['std_ratio'])} (p={p_value(row['brown_forsythe_p'])}, "
+                f"n={row['n_std']} vs {row['n_std_ref']})",
+                "Failures": f"{row['failures']}/{row['finished']} vs "
+                f"{row['failures_ref']}/{row['finished_ref']} "
+                f"({_points(row['failure_rate_diff'])}, p={p_value(row['fisher_p'])})",
+                "Verdict": row["verdict"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _points(value: Any) -> str:
+    return MISSING if pd.isna(value) else f"{100 * float(value):+.0f} pp"
+
+
+VERDICT_NOTE = (
+    f"Each stabilizer against `{REFERENCE_STABILIZER}` in an otherwise identical configuration, "
+    "on test (best dev checkpoint). Δ mean: mean difference over the seeds both completed, "
+    "paired t-test. Std ratio: stabilizer's std / none's, over completed runs, Brown-Forsythe "
+    "test (Levene about the median). Failures: diverged or degenerate out of finished runs, "
+    "stabilizer vs none, difference in percentage points, Fisher's exact test. Each test is "
+    f"two-sided at alpha {ALPHA}; better = higher mean, smaller std, fewer failures. Verdict: "
+    "better (or worse) when at least one test says so and none says the opposite, mixed when "
+    "they disagree, 'no difference at this n' when none is significant: not evidence of no "
+    "effect.\n"
+)
 
 
 def blurb_display(blurb: pd.DataFrame) -> pd.DataFrame:
@@ -158,7 +261,16 @@ def latex_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
+def _left_out(excluded: Sequence[str]) -> str:
+    if not excluded:
+        return ""
+    lines = "".join(f"- {line}\n" for line in excluded)
+    return ("\nLeft out of every table, test and plot until resolved (two finished runs with "
+            f"the same seeds would count a seed twice):\n\n{lines}")
+
+
+def summary_markdown(summary: pd.DataFrame, varying: Sequence[str] = (),
+                     excluded: Sequence[str] = ()) -> str:
     """The summary table in Markdown, with a line on how to read it."""
     note = (
         "Scores x100 over completed runs: mean ± sample std. "
@@ -166,25 +278,47 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         "Degenerate: completed runs no better than the constant predictor on test, "
         "or with constant test predictions (they stay in the means).\n"
     )
-    return markdown_table(summary_display(summary)) + "\n" + note
+    return markdown_table(summary_display(summary, varying)) + "\n" + note + _left_out(excluded)
 
 
-def write_summary(summary: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
-    """summary.csv (fractions), summary.md and summary.tex (x100)."""
+def stability_markdown(summary: pd.DataFrame, varying: Sequence[str] = (),
+                       excluded: Sequence[str] = ()) -> str:
+    """Failures and spread per configuration in Markdown, with how to read them."""
+    return (markdown_table(stability_display(summary, varying)) + "\n" + STABILITY_NOTE
+            + _left_out(excluded))
+
+
+def verdict_markdown(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> str:
+    """The verdict table in Markdown, with the rule behind the words."""
+    return markdown_table(verdict_display(verdicts, varying)) + "\n" + VERDICT_NOTE
+
+
+def write_summary(summary: pd.DataFrame, out_dir: Path, varying: Sequence[str] = (),
+                  excluded: Sequence[str] = ()) -> dict[str, Path]:
+    """summary.csv (fractions), summary.md and summary.tex (x100); stability.md and .tex."""
     out_dir = Path(out_dir)
-    display = summary_display(summary)
-    paths = {
-        "summary.csv": out_dir / "summary.csv",
-        "summary.md": out_dir / "summary.md",
-        "summary.tex": out_dir / "summary.tex",
-    }
+    paths = {name: out_dir / name for name in (
+        "summary.csv", "summary.md", "summary.tex", "stability.md", "stability.tex")}
     summary.to_csv(paths["summary.csv"], index=False)
-    paths["summary.md"].write_text(summary_markdown(summary), encoding="utf-8")
-    paths["summary.tex"].write_text(latex_table(display), encoding="utf-8")
+    paths["summary.md"].write_text(summary_markdown(summary, varying, excluded), "utf-8")
+    paths["summary.tex"].write_text(latex_table(summary_display(summary, varying)), "utf-8")
+    paths["stability.md"].write_text(stability_markdown(summary, varying, excluded), "utf-8")
+    paths["stability.tex"].write_text(latex_table(stability_display(summary, varying)), "utf-8")
     return paths
 
 
-def write_paired(paired: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+def write_verdicts(verdicts: pd.DataFrame, out_dir: Path, varying: Sequence[str] = ()
+                   ) -> dict[str, Path]:
+    """verdict.csv (fractions, p-values, the word per test) and verdict.md."""
+    out_dir = Path(out_dir)
+    paths = {"verdict.csv": out_dir / "verdict.csv", "verdict.md": out_dir / "verdict.md"}
+    verdicts.to_csv(paths["verdict.csv"], index=False)
+    paths["verdict.md"].write_text(verdict_markdown(verdicts, varying), encoding="utf-8")
+    return paths
+
+
+def write_paired(paired: pd.DataFrame, out_dir: Path, varying: Sequence[str] = ()
+                 ) -> dict[str, Path]:
     """paired.csv (fractions) and paired.md (differences x100)."""
     out_dir = Path(out_dir)
     paths = {"paired.csv": out_dir / "paired.csv", "paired.md": out_dir / "paired.md"}
@@ -196,7 +330,7 @@ def write_paired(paired: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         "cannot go below 0.06.\n"
     )
     paths["paired.md"].write_text(
-        markdown_table(paired_display(paired)) + "\n" + note, encoding="utf-8"
+        markdown_table(paired_display(paired, varying)) + "\n" + note, encoding="utf-8"
     )
     return paths
 
