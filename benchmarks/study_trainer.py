@@ -108,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seeds", default="0-4")
+    p.add_argument("--summary", action="store_true", help="print the table of --out and stop")
     p.add_argument("overrides", nargs="*", help="blurbtune config overrides")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary_markdown(args.out))
+        return
     for seed in seeds(args.seeds):
         done = args.out / f"seed={seed}" / "trainer_result.json"
         if done.exists():
@@ -118,6 +122,29 @@ def main(argv: list[str] | None = None) -> None:
         r: Any = run_seed(args.overrides, seed, args.out)
         print(f"seed {seed}: test {r['metric']} {r['test']}, failed={r['failed']}"
               f", {r['wall_s']} s", flush=True)
+
+
+def summary_markdown(folder: Path) -> str:
+    """The baseline's seeds as a Markdown table, then mean ± sample std (x100) with its n.
+
+    Failed = constant test predictions or a test score no better than the constant
+    predictor's, as in blurbtune's report; the mean and std are over every seed's test score.
+    """
+    import numpy as np
+
+    found = Path(folder).glob("*/trainer_result.json")
+    results = sorted((json.loads(p.read_text()) for p in found), key=lambda r: r["seed"])
+    lines = ["| seed | test pearson (x100) | best dev (x100) | failed | wall s |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['seed']} | {100 * r['test']:.2f} | {100 * r['dev_best']:.2f} | "
+                     f"{'yes' if r['failed'] else 'no'} | {r['wall_s']:.0f} |")
+    scores = np.array([r["test"] for r in results], dtype=float)
+    failed = sum(r["failed"] for r in results)
+    std = f"{100 * scores.std(ddof=1):.2f}" if len(scores) > 1 else "-"
+    lines.append(f"| all (n={len(results)}) | {100 * scores.mean():.2f} ± {std} | | "
+                 f"{failed}/{len(results)} | {sum(r['wall_s'] for r in results):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
