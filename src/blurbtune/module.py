@@ -71,13 +71,15 @@ class FineTuner(pl.LightningModule):
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_dev: dict | None = None  # predictions and score of the best dev epoch
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one entry per dev evaluation: epoch, step, score
+        self.trained_epoch = 0  # the epoch of the latest training step
         self.outputs: dict[str, dict] = {}  # split -> {"preds", "score"} of the latest evaluation
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.trained_epoch = self.current_epoch
         loss = self(batch).loss
         if not torch.isfinite(loss):
             raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}"
@@ -124,12 +126,21 @@ class FineTuner(pl.LightningModule):
             return
         out = self.evaluate_rows("dev")
         self.log(f"dev/{self.task.metric}", out["score"], prog_bar=True)
-        self.history.append({"epoch": self.current_epoch, "dev": out["score"]})
+        # Not current_epoch: after fit (see dev_is_stale) it has moved past the last epoch.
+        epoch = self.trained_epoch
+        self.history.append({"epoch": epoch, "step": self.global_step, "dev": out["score"]})
         if out["score"] > self.best_score:
-            self.best_score, self.best_epoch = out["score"], self.current_epoch
+            self.best_score, self.best_epoch = out["score"], epoch
             self.best_state = {k: v.detach().to("cpu", copy=True)
                                for k, v in self.model.state_dict().items()}
             self.best_dev = out
+
+    def dev_is_stale(self) -> bool:
+        """Whether training stepped after the latest dev evaluation, or none ran: training
+        ended by `max_steps`, or between `val_check_interval`s or `check_val_every_n_epoch`s.
+        Then the caller evaluates dev once more, so the last model has a dev score and the
+        best-on-dev model exists."""
+        return not self.history or self.history[-1]["step"] < self.global_step
 
     def on_test_epoch_end(self) -> None:
         out = self.evaluate_rows("test")
@@ -148,7 +159,8 @@ class FineTuner(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blurbtune"] = {"best_score": self.best_score, "best_epoch": self.best_epoch,
                                    "best_state": self.best_state, "history": self.history,
-                                   "best_dev": self.best_dev}
+                                   "best_dev": self.best_dev,
+                                   "trained_epoch": self.trained_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("blurbtune", {})
@@ -157,3 +169,4 @@ class FineTuner(pl.LightningModule):
         self.best_state = state.get("best_state")
         self.history = state.get("history", [])
         self.best_dev = state.get("best_dev")
+        self.trained_epoch = state.get("trained_epoch", 0)
