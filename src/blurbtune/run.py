@@ -237,7 +237,8 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
     """Tokenizer, read and tokenised data, and the model with its stabilizers applied.
 
     Returns (tokenizer, datamodule, model, extras) with extras holding the optimizer groups,
-    the frozen and re-initialised parameter names and the determinism flags.
+    the frozen and re-initialised parameter names and the determinism flags. A dry run reads
+    no data: the model and its groups come from the model and task configs alone.
     """
     task = cfg.task
     check_stabilizer(cfg.stabilizer)
@@ -252,7 +253,8 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
         max_train_examples=cfg.data.get("max_train_examples"),
         max_eval_examples=cfg.data.get("max_eval_examples"),
         group_by_length=bool(cfg.data.get("group_by_length", False)))
-    dm.prepare()
+    if not cfg.get("dry_run"):
+        dm.prepare()
 
     seed_all(seeds["init_seed"])
     model = load_model(cfg.model, task, tokenizer)
