@@ -58,8 +58,9 @@ class Resumable(pl.Callback):
         self._mid_epoch = mid_epoch
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        trainer.save_checkpoint(tmp)  # written by rank 0 only, then all ranks meet
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from blurbtune import provenance, stabilizers, stopping
 from blurbtune.datamodule import BlurbDataModule
@@ -125,6 +126,8 @@ def run(cfg: DictConfig) -> float:
     if stopping.requested():
         log.warning("not started, the sweep is stopping: %s", out)
         return math.nan
+    if rank_zero_only.rank != 0:  # a DDP process Lightning started: rank 0 holds the lock
+        return _run(cfg, out)
     try:
         lock = RunLock(out).acquire()
     except LockHeld as e:
