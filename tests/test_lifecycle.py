@@ -129,6 +129,34 @@ def test_a_failure_after_training_keeps_dev_scores_and_checkpoint(
     assert prediction_bytes(tmp_path) == prediction_bytes(two_epochs)
 
 
+def test_a_divergence_keeps_its_dev_evaluations_and_is_final(tmp_path, cache, monkeypatch,
+                                                            caplog):
+    from blurbtune.errors import DivergedError
+    from blurbtune.module import FineTuner
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise DivergedError("training loss became nan at epoch 1, step 5 (simulated)")
+
+    cfg = tiny_config(tmp_path, cache, "trainer.max_epochs=3")
+    with monkeypatch.context() as m:
+        m.setattr(FineTuner, "on_train_batch_end", on_train_batch_end)
+        with pytest.raises(DivergedError):
+            run(cfg)  # a single run stops with the error
+    r = _results(tmp_path)
+    assert r["status"] == "diverged" and r["stage"] == "training"
+    assert [(h["epoch"], h["step"]) for h in r["history"]] == [(0, 4)]
+    assert r["dev"] == {"best": r["history"][0]["dev"], "last": r["history"][0]["dev"]}
+    assert r["checkpoint"] is None and not (tmp_path / "checkpoints").exists()  # final
+
+    before = (tmp_path / "results.json").read_bytes()
+    with caplog.at_level(logging.INFO, logger="blurbtune"):
+        assert math.isnan(run(cfg))
+    assert (tmp_path / "results.json").read_bytes() == before
+    assert any("already diverged, skipping (DivergedError: training loss became nan at epoch 1"
+               in rec.getMessage() for rec in caplog.records)
+
+
 # ---------------------------------------------------------------- one process per run folder
 
 

@@ -176,15 +176,18 @@ def _run(cfg: DictConfig, out: Path) -> float:
         status = "diverged" if isinstance(e, DivergedError) else (
             "interrupted" if interrupted else "failed")
         write_text_atomic(out / "error.log", traceback.format_exc())
-        kept = _progress(done)
+        if status == "diverged" and not cfg.get("keep_checkpoints"):
+            remove_checkpoints(out)  # a final result: nothing will resume from it
+        kept = _progress(done, out)
         if not cfg.get("dry_run"):
             write_json(results_path, {"status": status, "error": f"{type(e).__name__}: {e}",
                                       **identity, **kept,
                                       "train_time_s": time.time() - started})
         if "dev" in kept:
-            log.error("run %s %s while %s: %s; its dev scores%s are recorded in %s", out.name,
-                      status, done.get("stage"), e,
-                      " and checkpoint" if kept.get("checkpoint") else "", results_path)
+            log.log(logging.ERROR if status == "failed" else logging.WARNING,
+                    "run %s %s while %s: %s; its dev scores%s are recorded in %s", out.name,
+                    status, kept["stage"], e,
+                    " and checkpoint" if kept.get("checkpoint") else "", results_path)
         if interrupted and stopping.in_pool_worker():
             # A sweep worker stays alive (see stopping.py) but starts no further run.
             stopping.request(signal.SIGTERM)
@@ -201,7 +204,7 @@ def _run(cfg: DictConfig, out: Path) -> float:
     return result
 
 
-def _progress(done: dict) -> dict:
+def _progress(done: dict, out: Path) -> dict:
     """The part of a run that had been done when it stopped: the dev evaluations, the test
     scores, the checkpoint to resume from, and what it was doing (`stage`)."""
     kept: dict[str, Any] = {"stage": done.get("stage")}
@@ -210,7 +213,10 @@ def _progress(done: dict) -> dict:
         kept["dev"] = {"best": module.best_score, "last": module.history[-1]["dev"]}
         kept["best_epoch"] = module.best_epoch
         kept["history"] = module.history
-    kept.update({k: done[k] for k in ("test", "checkpoint") if k in done})
+    if "test" in done:
+        kept["test"] = done["test"]
+    checkpoint = last_checkpoint(out)
+    kept["checkpoint"] = str(checkpoint) if checkpoint else None
     return kept
 
 
@@ -303,8 +309,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
         done["stage"] = "evaluating dev after training"
         trainer.validate(module, datamodule=dm, verbose=False)
     train_time = time.perf_counter() - t0
-    checkpoint = last_checkpoint(out)
-    done.update(stage="testing", checkpoint=str(checkpoint) if checkpoint else None)
+    done["stage"] = "testing"
 
     trainer.test(module, datamodule=dm, verbose=False)
     test_last = module.outputs["test"]
