@@ -179,19 +179,20 @@ def _run(cfg: DictConfig, out: Path) -> float:
         if status == "diverged" and not cfg.get("keep_checkpoints"):
             remove_checkpoints(out)  # a final result: nothing will resume from it
         kept = _progress(done, out)
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         if not cfg.get("dry_run"):
-            write_json(results_path, {"status": status, "error": f"{type(e).__name__}: {e}",
-                                      **identity, **kept,
+            write_json(results_path, {"status": status, "error": error, **identity, **kept,
                                       "train_time_s": time.time() - started})
         if "dev" in kept:
             log.log(logging.ERROR if status == "failed" else logging.WARNING,
-                    "run %s %s while %s: %s; its dev scores%s are recorded in %s", out.name,
-                    status, kept["stage"], e,
+                    "run %s %s while %s (%s); its dev scores%s are recorded in %s", out.name,
+                    status, kept["stage"], error,
                     " and checkpoint" if kept.get("checkpoint") else "", results_path)
         if interrupted and stopping.in_pool_worker():
             # A sweep worker stays alive (see stopping.py) but starts no further run.
             stopping.request(signal.SIGTERM)
-            log.warning("run %s interrupted and checkpointed; the sweep is stopping", out.name)
+            log.warning("run %s %s; the sweep is stopping: this worker starts no other run",
+                        out.name, status)
             return math.nan
         if isinstance(e, SIGTERMException):  # Lightning's has exit code None: say it failed
             raise SystemExit(128 + signal.SIGTERM) from e
