@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from tiny_runs import BAD, FIXTURES, copy_task_folder, needs_fixtures, tiny_config
 
@@ -187,3 +188,93 @@ def test_train_py_multirun_records_the_bad_run_and_goes_on(tmp_path):
     assert sorted(status.values()) == ["completed", "failed"]
     failed = next(p for p in (tmp_path / "sweep").glob("*layers=9*/results.json"))
     assert "stabilizer.freeze.layers" in json.loads(failed.read_text())["error"]
+
+
+def _fine_tuned_folder(tmp_path, task: str) -> Path:
+    """A model folder as `save_model=true` leaves it: the tiny encoder with `task`'s head."""
+    from blurbtune.models import load_model, load_tokenizer
+
+    cfg = tiny_config(tmp_path / "unused", tmp_path / "cache", f"task={task}")
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    folder = tmp_path / f"{task}-model"
+    load_model(cfg.model, cfg.task, tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_a_fine_tuned_head_for_other_labels(tmp_path):
+    folder = _fine_tuned_folder(tmp_path, "biosses")
+    msg = error_of(tmp_path, "task=gad", f"model.name_or_path={folder}")
+    assert f"model.name_or_path='{folder}'" in msg
+    assert "1 label (score)" in msg and "2 labels (0, 1)" in msg
+    assert "model.new_head=true" in msg
+
+
+def test_new_head_keeps_the_encoder_and_trains_a_fresh_head(tmp_path):
+    """Even where the shapes fit (GAD's two labels, BioASQ's yes/no), the head is new."""
+    from safetensors.torch import load_file
+
+    from blurbtune.families import encoder_parts
+    from blurbtune.models import load_model, load_tokenizer
+
+    folder = _fine_tuned_folder(tmp_path, "gad")
+    saved = load_file(folder / "model.safetensors")
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", "task=bioasq",
+                      f"model.name_or_path={folder}", "model.new_head=true")
+    model = load_model(cfg.model, cfg.task, load_tokenizer(cfg.model, cfg.task))
+    state = model.state_dict()
+    head = encoder_parts(model).head_prefixes
+    assert head == ["classifier"]
+    heads = [k for k in saved if k.startswith("classifier.")]
+    assert heads and all(state[k].shape == saved[k].shape for k in heads)
+    assert not torch.equal(state["classifier.weight"], saved["classifier.weight"])  # biases: 0
+    encoder = [k for k in saved if k.startswith("bert.") and "word_embeddings" not in k]
+    assert encoder and all(torch.equal(state[k], saved[k]) for k in encoder)
+    assert list(model.config.id2label.values()) == list(cfg.task.labels)
+
+
+def test_dry_run_needs_no_data(tmp_path):
+    run(tiny_config(tmp_path / "run", tmp_path / "cache", "stabilizer=llrd", "dry_run=true",
+                    data_dir=tmp_path / "no-data-here"))
+    assert (tmp_path / "run" / "param_groups.json").is_file()
+    assert not (tmp_path / "no-data-here").exists()
+
+
+def _data_check(data_dir) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from blurbtune.data_check import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["check", str(data_dir)])
+    return status, out.getvalue()
+
+
+def test_data_check_exits_1_when_a_split_is_missing(tmp_path):
+    import shutil
+
+    data = tmp_path / "blurb"
+    shutil.copytree(FIXTURES, data)
+    assert _data_check(data)[0] == 0  # all there (the fixtures are small: counts differ)
+    (data / "BIOSSES" / "test.tsv").unlink()
+    status, out = _data_check(data)
+    assert status == 1
+    biosses = next(line for line in out.splitlines() if line.startswith("BIOSSES"))
+    assert biosses.endswith("missing test, differs train/dev")
+    assert "1 split(s) missing or unreadable: exit status 1." in out
+
+
+@pytest.mark.parametrize("mentions, known", [(4246, True), (4245, False)])
+def test_data_check_says_why_a_count_differs_where_it_is_known(tmp_path, mentions, known):
+    """BLURB's own BC5CDR-disease dev.tsv has 4,246 mentions, Table 3 says 4,244."""
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("".join(f"w{i}\tB-Disease\n" for i in range(mentions)))  # one per word
+    data = copy_task_folder("BC5CDR-disease", tmp_path / "blurb", {"dev.tsv": dev})
+    _, out = _data_check(data)
+    row = next(line for line in out.splitlines() if line.startswith("BC5-disease"))
+    assert f"{mentions:,} / 4,244" in row
+    assert row.endswith("differs train/test, known difference dev" if known  # fixture sizes
+                        else "differs train/dev/test")
+    note = "bc5disease/dev: 4,246 vs 4,244: BLURB's own BC5CDR-disease dev.tsv has 2 more"
+    assert (note in out) == known

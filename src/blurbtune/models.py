@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from blurbtune.errors import ConfigError
+from blurbtune.stabilizers import reinit_head
 from blurbtune.tasks import task_type
 
 HEADS = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification}
@@ -112,13 +113,20 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
     if model_cfg.get("name_or_path"):
         name = str(model_cfg.name_or_path)
         _check_source(name, "model.name_or_path")
+        new_head = bool(model_cfg.get("new_head", False))
         try:
+            if not new_head:
+                _check_saved_head(AutoConfig.from_pretrained(name), name, kind.head, labels,
+                                  task.name)
             config = AutoConfig.from_pretrained(name, **head)
             _deterministic_kernel(config, attn)
-            model = auto.from_pretrained(name, config=config, **kwargs)
+            model = auto.from_pretrained(name, config=config, ignore_mismatched_sizes=new_head,
+                                         **kwargs)
         except OSError as e:
             raise ConfigError(f"could not load model.name_or_path={name!r}: "
                               f"{str(e).splitlines()[0]}") from None
+        if new_head:
+            reinit_head(model)  # from torch's RNG, seeded with init_seed by the caller
     else:
         spec = OmegaConf.to_container(model_cfg.config, resolve=True)
         model_type = spec.pop("model_type")
@@ -147,6 +155,37 @@ def _deterministic_kernel(config: Any, attn: Any) -> None:
 
     if attn and "flash" in str(attn) and hasattr(config, "deterministic_flash_attn"):
         config.deterministic_flash_attn = torch.are_deterministic_algorithms_enabled()
+
+
+def _saved_head(config: Any) -> str | None:
+    """`sequence` or `token` when a model folder holds a fine-tuned classification head."""
+    for arch in getattr(config, "architectures", None) or []:
+        for kind, suffix in (("sequence", "ForSequenceClassification"),
+                             ("token", "ForTokenClassification")):
+            if arch.endswith(suffix):
+                return kind
+    return None
+
+
+def _labels_text(labels: list[str]) -> str:
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    return f"{len(labels)} label{'s' if len(labels) != 1 else ''} ({shown})"
+
+
+def _check_saved_head(saved: Any, name: str, head: str, labels: list[str], task: str) -> None:
+    """A head fine-tuned for other labels (or another head type) is an error, not a silent
+    re-initialisation or a raw size-mismatch error from transformers."""
+    saved_head = _saved_head(saved)
+    if saved_head is None:  # a pretrained encoder (or a bare base model): a fresh head
+        return
+    saved_labels = [str(saved.id2label[i]) for i in sorted(saved.id2label)]
+    labels = [str(label) for label in labels]
+    if saved_head != head or saved_labels != labels:
+        raise ConfigError(
+            f"model.name_or_path={name!r} holds a {saved_head}-classification head for "
+            f"{_labels_text(saved_labels)}; task {task} needs a {head}-classification head "
+            f"for {_labels_text(labels)}; set model.new_head=true to keep the encoder and "
+            "train a fresh head")
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

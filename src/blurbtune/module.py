@@ -72,7 +72,8 @@ class FineTuner(pl.LightningModule):
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_dev: dict | None = None  # predictions and score of the best dev epoch
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one entry per dev evaluation: epoch, step, score
+        self.trained_epoch = 0  # the epoch of the latest training step
         self.outputs: dict[str, dict] = {}  # split -> {"preds", "score"} of the latest evaluation
         self.grad_stats: GradientStats | None = None
         self._grad_state: dict | None = None  # from a checkpoint, applied when training starts
@@ -85,6 +86,7 @@ class FineTuner(pl.LightningModule):
         return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.trained_epoch = self.current_epoch
         loss = self(batch).loss
         if not torch.isfinite(loss):
             raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}"
@@ -110,15 +112,16 @@ class FineTuner(pl.LightningModule):
                        for i, name in enumerate(self.grad_stats.names)},
                       on_step=True, on_epoch=False)
 
-    def _epoch_record(self, dev: float) -> dict:
-        """One history row: dev score, mean training loss since the last evaluation, and the
-        top encoder layer's current learning rate."""
+    def _epoch_record(self, dev: float, epoch: int) -> dict:
+        """One history row: epoch, step, dev score, mean training loss since the last
+        evaluation, and the top encoder layer's current learning rate."""
         loss = float(self._loss_sum / self._loss_n) if self._loss_n else None
         self._loss_sum, self._loss_n = 0.0, 0
         lr_top = None
         if self._top_group is not None and self.trainer.optimizers:
             lr_top = float(self.trainer.optimizers[0].param_groups[self._top_group]["lr"])
-        return {"epoch": self.current_epoch, "dev": dev, "train_loss": loss, "lr_top": lr_top}
+        return {"epoch": epoch, "step": self.global_step, "dev": dev, "train_loss": loss,
+                "lr_top": lr_top}
 
     def _gather(self, split: str, batch: dict[str, torch.Tensor]) -> None:
         logits = self(batch).logits.detach().float().cpu()
@@ -158,12 +161,21 @@ class FineTuner(pl.LightningModule):
             return
         out = self.evaluate_rows("dev")
         self.log(f"dev/{self.task.metric}", out["score"], prog_bar=True)
-        self.history.append(self._epoch_record(out["score"]))
+        # Not current_epoch: after fit (see dev_is_stale) it has moved past the last epoch.
+        epoch = self.trained_epoch
+        self.history.append(self._epoch_record(out["score"], epoch))
         if out["score"] > self.best_score:
-            self.best_score, self.best_epoch = out["score"], self.current_epoch
+            self.best_score, self.best_epoch = out["score"], epoch
             self.best_state = {k: v.detach().to("cpu", copy=True)
                                for k, v in self.model.state_dict().items()}
             self.best_dev = out
+
+    def dev_is_stale(self) -> bool:
+        """Whether training stepped after the latest dev evaluation, or none ran: training
+        ended by `max_steps`, or between `val_check_interval`s or `check_val_every_n_epoch`s.
+        Then the caller evaluates dev once more, so the last model has a dev score and the
+        best-on-dev model exists."""
+        return not self.history or self.history[-1]["step"] < self.global_step
 
     def on_test_epoch_end(self) -> None:
         out = self.evaluate_rows("test")
@@ -188,7 +200,8 @@ class FineTuner(pl.LightningModule):
                                    "best_dev": self.best_dev,
                                    "grad_stats": self.grad_stats.state_dict()
                                    if self.grad_stats else None,
-                                   "loss_since_eval": (self._loss_sum, self._loss_n)}
+                                   "loss_since_eval": (self._loss_sum, self._loss_n),
+                                   "trained_epoch": self.trained_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("blurbtune", {})
@@ -199,3 +212,4 @@ class FineTuner(pl.LightningModule):
         self.best_dev = state.get("best_dev")
         self._grad_state = state.get("grad_stats")
         self._loss_sum, self._loss_n = state.get("loss_since_eval", (0.0, 0))
+        self.trained_epoch = state.get("trained_epoch", 0)

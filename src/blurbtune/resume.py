@@ -52,13 +52,15 @@ class Resumable(pl.Callback):
         self._validating = False
         self._mid_epoch = False
         self._previous_sigint: Any = None
+        self._sigints = 0
 
     def _save(self, trainer: pl.Trainer, mid_epoch: bool = False) -> None:
         self._mid_epoch = mid_epoch
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        trainer.save_checkpoint(tmp)  # written by rank 0 only, then all ranks meet
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:
@@ -95,7 +97,8 @@ class Resumable(pl.Callback):
 
     def _on_sigint(self, trainer: pl.Trainer) -> Any:
         def handler(signum: int, frame: Any) -> None:
-            if trainer.received_sigterm:
+            self._sigints += 1
+            if self._sigints > 1:  # not received_sigterm: a stopping sweep also sends SIGTERM
                 raise KeyboardInterrupt
             log.warning("interrupted: stopping after this batch (Ctrl-C again to abort now)")
             trainer._signal_connector.received_sigterm = True

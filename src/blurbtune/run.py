@@ -21,11 +21,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from blurbtune import provenance, stabilizers
+from blurbtune import provenance, stabilizers, stopping
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
+from blurbtune.lock import LockHeld, RunLock
 from blurbtune.models import load_model, load_tokenizer
 from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import (
@@ -89,15 +91,55 @@ def _identity(cfg: DictConfig, seeds: dict) -> dict:
     }
 
 
+FINAL = ("completed", "diverged")  # results, not attempts: a rerun skips them
+
+
 def run(cfg: DictConfig) -> float:
-    """Run (or skip, when already completed) one fine-tuning; return the best dev score."""
+    """Run one fine-tuning and return its best dev score (NaN when it has none).
+
+    Skipped, with a line saying why: when its result is final (completed; diverged unless
+    `rerun_diverged=true`), when another process holds its folder, or when this process has
+    been asked to stop (a stopping sweep).
+    """
     out = _output_dir(cfg)
-    results_path = out / "results.json"
-    previous = read_json(results_path)
-    if previous and previous.get("status") == "completed" and not cfg.get("dry_run"):
-        log.info("already completed, skipping (delete its results.json to run it again): %s",
-                 out)
+    if stopping.requested():
+        log.warning("not started, the sweep is stopping: %s", out)
+        return math.nan
+    if rank_zero_only.rank != 0:  # a DDP process Lightning started: rank 0 holds the lock
+        return _run(cfg, out)
+    try:
+        lock = RunLock(out).acquire()
+    except LockHeld as e:
+        log.warning("skipping: %s", e)
+        return math.nan
+    try:
+        return _run(cfg, out)
+    finally:
+        lock.release()
+
+
+def _final(previous: dict, cfg: DictConfig) -> bool:
+    status = previous.get("status")
+    return status in FINAL and not (status == "diverged" and cfg.get("rerun_diverged"))
+
+
+def _skip(previous: dict, out: Path) -> float:
+    if previous["status"] == "completed":
+        m = previous.get("metric", "score")
+        log.info("already completed, skipping (dev %s best %.4f, test best %.4f; delete its "
+                 "results.json to run it again): %s", m, previous["dev"]["best"],
+                 previous["test"]["best"], out)
         return float(previous["dev"]["best"])
+    log.info("already diverged, skipping (%s; a divergence is a result: rerun_diverged=true "
+             "runs it again): %s", previous.get("error"), out)
+    return math.nan
+
+
+def _run(cfg: DictConfig, out: Path) -> float:
+    results_path = out / "results.json"
+    previous = read_json(results_path) or {}
+    if not cfg.get("dry_run") and _final(previous, cfg):
+        return _skip(previous, out)
     if previous:
         log.info("previous attempt %s; running again: %s", previous.get("status"), out)
     (out / "error.log").unlink(missing_ok=True)
@@ -105,16 +147,32 @@ def run(cfg: DictConfig) -> float:
     identity = _identity(cfg, seeds)
     identity.update(run_dir=str(out), overrides=_overrides())
     started = time.time()
+    done: dict[str, Any] = {}  # what the run has done so far; _train fills it in
     try:
-        result = _train(cfg, out, seeds, identity)
+        result = _train(cfg, out, seeds, identity, done)
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
         status = "diverged" if isinstance(e, DivergedError) else (
             "interrupted" if interrupted else "failed")
         write_text_atomic(out / "error.log", traceback.format_exc())
+        if status == "diverged" and not cfg.get("keep_checkpoints"):
+            remove_checkpoints(out)  # a final result: nothing will resume from it
+        kept = _progress(done, out)
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         if not cfg.get("dry_run"):
-            write_json(results_path, {"status": status, "error": f"{type(e).__name__}: {e}",
-                                      **identity, "train_time_s": time.time() - started})
+            write_json(results_path, {"status": status, "error": error, **identity, **kept,
+                                      "train_time_s": time.time() - started})
+        if "dev" in kept:
+            log.log(logging.ERROR if status == "failed" else logging.WARNING,
+                    "run %s %s while %s (%s); its dev scores%s are recorded in %s", out.name,
+                    status, kept["stage"], error,
+                    " and checkpoint" if kept.get("checkpoint") else "", results_path)
+        if interrupted and stopping.in_pool_worker():
+            # A sweep worker stays alive (see stopping.py) but starts no further run.
+            stopping.request(signal.SIGTERM)
+            log.warning("run %s %s; the sweep is stopping: this worker starts no other run",
+                        out.name, status)
+            return math.nan
         if isinstance(e, SIGTERMException):  # Lightning's has exit code None: say it failed
             raise SystemExit(128 + signal.SIGTERM) from e
         if interrupted or not _in_multirun():
@@ -124,6 +182,22 @@ def run(cfg: DictConfig) -> float:
                   results_path)
         return math.nan
     return result
+
+
+def _progress(done: dict, out: Path) -> dict:
+    """The part of a run that had been done when it stopped: the dev evaluations, the test
+    scores, the checkpoint to resume from, and what it was doing (`stage`)."""
+    kept: dict[str, Any] = {"stage": done.get("stage")}
+    module = done.get("module")
+    if module is not None and module.history:
+        kept["dev"] = {"best": module.best_score, "last": module.history[-1]["dev"]}
+        kept["best_epoch"] = module.best_epoch
+        kept["history"] = module.history
+    if "test" in done:
+        kept["test"] = done["test"]
+    checkpoint = last_checkpoint(out)
+    kept["checkpoint"] = str(checkpoint) if checkpoint else None
+    return kept
 
 
 def _release_memory() -> None:
@@ -153,7 +227,8 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
 
     Returns (tokenizer, datamodule, model, extras) with extras holding the optimizer groups,
     the frozen and re-initialised parameter names, the determinism flags and the stabilizer
-    applied (`stabilizer`, `stabilizer_knobs`, `stabilizer_choice`: see `resolve`).
+    applied (`stabilizer`, `stabilizer_knobs`, `stabilizer_choice`: see `resolve`). A dry run
+    reads no data: the model and its groups come from the model and task configs alone.
     """
     task = cfg.task
     check_stabilizer(cfg.stabilizer)
@@ -168,11 +243,12 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
         max_train_examples=cfg.data.get("max_train_examples"),
         max_eval_examples=cfg.data.get("max_eval_examples"),
         group_by_length=bool(cfg.data.get("group_by_length", False)))
-    dm.prepare()
+    if not cfg.get("dry_run"):
+        dm.prepare()
 
     seed_all(seeds["init_seed"])
     model = load_model(cfg.model, task, tokenizer)
-    applied = resolve(cfg.stabilizer, model, str(task.type), len(dm.examples("train")))
+    applied = resolve(cfg.stabilizer, model, str(task.type), _train_size(cfg, dm))
     groups, frozen, reinit = apply_stabilizers(
         model, applied.pop("sections"), float(cfg.optimizer.lr),
         float(cfg.optimizer.weight_decay), seeds["init_seed"])
@@ -180,8 +256,20 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
                                   "determinism": flags, "stabilizer": applied}
 
 
-def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
+def _train_size(cfg: DictConfig, dm: BlurbDataModule) -> int:
+    """Training examples the run trains on; a dry run reads no data, so it takes the published
+    count from the task config (Gu et al. Table 3), capped by `data.max_train_examples`."""
+    if not cfg.get("dry_run"):
+        return len(dm.examples("train"))
+    published = int(cfg.task.blurb.counts.train)
+    limit = cfg.data.get("max_train_examples")
+    return min(published, int(limit)) if limit else published
+
+
+def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) -> float:
+    """Train, evaluate and write the run folder; `done` says how far it got, for `run`."""
     task = cfg.task
+    done["stage"] = "preparing data and model"
     tokenizer, dm, model, extras = build(cfg, seeds)
     groups, flags = extras["groups"], extras["determinism"]
     identity.update(extras["stabilizer"])  # what `recommended` chose, if it was asked
@@ -207,10 +295,16 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out),
                           callbacks=[*callbacks, Resumable(out, dm)])
     resume_from = last_checkpoint(out)
+    stopping.check()
+    done.update(stage="training", module=module)
     t0 = time.perf_counter()
     # The checkpoint is this run's own file, and it holds Python objects (history, preds).
     trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
+    if module.dev_is_stale():  # max_steps, val_check_interval...: the last model is unseen
+        done["stage"] = "evaluating dev after training"
+        trainer.validate(module, datamodule=dm, verbose=False)
     train_time = time.perf_counter() - t0
+    done["stage"] = "testing"
 
     trainer.test(module, datamodule=dm, verbose=False)
     test_last = module.outputs["test"]
@@ -220,15 +314,18 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     trainer.test(module, datamodule=dm, verbose=False)
     test_best = module.outputs["test"]
     dev_best = module.best_dev
+    done["test"] = {"best": test_best["score"], "last": test_last["score"]}
 
     kind = dm.kind
     gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
     floor = {s: baseline(task, gold["train"], gold[s]) for s in ("dev", "test")}
     collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
                  "test": kind.collapsed(test_best["preds"], task)}
+    done["stage"] = "writing predictions"
     _write_predictions(out / "predictions", kind, task, dm, dev_best["preds"],
                        test_best["preds"], test_last["preds"])
     if cfg.get("save_model"):
+        done["stage"] = "saving the model"
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
 
@@ -250,6 +347,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "determinism": flags,
         "resumed_from": str(resume_from) if resume_from else None,
     }
+    done["stage"] = "writing results"
     write_json(out / "results.json", results)
     if not cfg.get("keep_checkpoints"):
         remove_checkpoints(out)

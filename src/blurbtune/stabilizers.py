@@ -188,6 +188,32 @@ def reinit_top_layers(
     return names
 
 
+def reinit_head(model: nn.Module, generator: torch.Generator | None = None) -> list[str]:
+    """Re-initialise the task head (every parameter outside the encoder and its pooler) as
+    ``reinit_top_layers`` does; return the parameter names.
+
+    For a model loaded from a folder fine-tuned on another task: the encoder is kept and the
+    head starts afresh, even where its shape happens to fit (transformers would keep it).
+
+    Example::
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=2, ignore_mismatched_sizes=True)
+        reinit_head(model, torch.Generator().manual_seed(0))
+    """
+    std = float(model.config.initializer_range)
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    with torch.no_grad():
+        for prefix in encoder_parts(model).head_prefixes:
+            for module_name, module in modules[prefix].named_modules(prefix=prefix):
+                own = [name for name, _ in module.named_parameters(recurse=False)]
+                if own:
+                    _reinit_module(module, std, generator)
+                    names += [f"{module_name}.{name}" for name in own]
+    return names
+
+
 def layerwise_param_groups(
     model: nn.Module, lr: float, weight_decay: float, decay: float = 1.0
 ) -> list[dict]:
