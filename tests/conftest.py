@@ -13,6 +13,7 @@ SHARED = ROOT.parent / "shared" / "blurb"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend (see threads.py)
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/blurb is not present")
 

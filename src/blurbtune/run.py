@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from blurbtune import provenance, stabilizers
+from blurbtune import console, loggers, provenance, stabilizers, threads
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
@@ -118,6 +118,7 @@ def run(cfg: DictConfig) -> float:
     if previous and previous.get("status") == "completed" and not cfg.get("dry_run"):
         log.info("already completed, skipping (delete its results.json to run it again): %s",
                  out)
+        _print_summary(previous, out)
         return float(previous["dev"]["best"])
     if previous:
         log.info("previous attempt %s; running again: %s", previous.get("status"), out)
@@ -125,6 +126,8 @@ def run(cfg: DictConfig) -> float:
     seeds = resolve_seeds(cfg.seed, cfg.get("data_seed"), cfg.get("init_seed"))
     identity = _identity(cfg, seeds)
     identity.update(run_dir=str(out), overrides=_overrides())
+    identity["threads"] = threads.apply(cfg.get("threads"))
+    console.quiet_libraries()
     started = time.time()
     try:
         result = _train(cfg, out, seeds, identity)
@@ -212,7 +215,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
 
     provenance.write(out, provenance.collect(
         overrides=identity["overrides"], model_cfg=cfg.model, model=model, tokenizer=tokenizer,
-        splits=dm.splits, seeds=seeds, determinism=flags))
+        splits=dm.splits, seeds=seeds, determinism=flags, threads=identity["threads"]))
     write_json(out / "results.json", {"status": "running", **identity})
     seed_all(seeds["seed"])
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
@@ -220,19 +223,23 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
     callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
-    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out),
-                          callbacks=[*callbacks, Resumable(out, dm)])
+    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(cfg, out),
+                          callbacks=[*callbacks, *console.progress_bar(trainer_cfg, callbacks),
+                                     Resumable(out, dm)])
+    loggers.log_start(trainer.loggers, cfg, {"seeds": seeds, "threads": identity["threads"]})
     resume_from = last_checkpoint(out)
     t0 = time.perf_counter()
     # The checkpoint is this run's own file, and it holds Python objects (history, preds).
     trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
     train_time = time.perf_counter() - t0
 
+    console.label_test(trainer, "test (last epoch)")
     trainer.test(module, datamodule=dm, verbose=False)
     test_last = module.outputs["test"]
     dev_last = module.history[-1]["dev"] if module.history else math.nan
     if module.best_state is not None:
         module.model.load_state_dict(module.best_state)
+    console.label_test(trainer, "test (best-on-dev weights)")
     trainer.test(module, datamodule=dm, verbose=False)
     test_best = module.outputs["test"]
     dev_best = module.best_dev
@@ -266,6 +273,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "resumed_from": str(resume_from) if resume_from else None,
     }
     write_json(out / "results.json", results)
+    loggers.log_final(trainer.loggers, results, step=trainer.global_step)
     if not cfg.get("keep_checkpoints"):
         remove_checkpoints(out)
     (out / "error.log").unlink(missing_ok=True)  # left by an interrupted try, now resumed
@@ -273,10 +281,9 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     return float(dev_best["score"])
 
 
-def _logger(out: Path) -> Any:
-    from pytorch_lightning.loggers import CSVLogger
-
-    return CSVLogger(save_dir=str(out), name="", version="")
+def _logger(cfg: DictConfig, out: Path) -> list[Any]:
+    """The loggers of `cfg.logger` (conf/logger/; CSV by default), see blurbtune.loggers."""
+    return loggers.build(cfg, out)
 
 
 def _write_predictions(folder: Path, kind: Any, task: Any, dm: BlurbDataModule,
