@@ -75,20 +75,29 @@ def hyperparameters(cfg: DictConfig, extra: dict) -> dict:
     return {**container, **extra}
 
 
-def log_start(loggers: list[Any], cfg: DictConfig, extra: dict) -> None:
+def log_start(loggers: list[Any], cfg: DictConfig, extra: dict) -> dict:
+    """Log the hyperparameters (resolved config, seeds, threads); return them for `log_final`."""
     params = hyperparameters(cfg, extra)
     for logger in loggers:
         logger.log_hyperparams(params)
+    return params
 
 
-def log_final(loggers: list[Any], results: dict, step: int) -> None:
-    """The final scores (dev best, test of the best-on-dev and of the last weights)."""
+def log_final(loggers: list[Any], results: dict, step: int, params: dict) -> None:
+    """The final scores (dev best, test of the best-on-dev and of the last weights).
+
+    A logger whose `log_hyperparams` takes metrics (TensorBoard) gets them with the
+    hyperparameters, so that its hparams view pairs each run's settings with its scores.
+    """
     metric = results["metric"]
     scores = {f"final/dev_{metric}_best": results["dev"]["best"],
               f"final/test_{metric}_best": results["test"]["best"],
               f"final/test_{metric}_last": results["test"]["last"]}
     for logger in loggers:
-        logger.log_metrics(scores, step=step)
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(params, metrics=scores)
+        else:
+            logger.log_metrics(scores, step=step)
         logger.save()
         logger.finalize("success")
     _finish_wandb_run()

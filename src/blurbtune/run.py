@@ -226,7 +226,8 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
     trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(cfg, out),
                           callbacks=[*callbacks, *console.progress_bar(trainer_cfg, callbacks),
                                      Resumable(out, dm)])
-    loggers.log_start(trainer.loggers, cfg, {"seeds": seeds, "threads": identity["threads"]})
+    hparams = loggers.log_start(trainer.loggers, cfg, {"seeds": seeds,
+                                                      "threads": identity["threads"]})
     resume_from = last_checkpoint(out)
     t0 = time.perf_counter()
     # The checkpoint is this run's own file, and it holds Python objects (history, preds).
@@ -273,7 +274,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict) -> float:
         "resumed_from": str(resume_from) if resume_from else None,
     }
     write_json(out / "results.json", results)
-    loggers.log_final(trainer.loggers, results, step=trainer.global_step)
+    loggers.log_final(trainer.loggers, results, trainer.global_step, hparams)
     if not cfg.get("keep_checkpoints"):
         remove_checkpoints(out)
     (out / "error.log").unlink(missing_ok=True)  # left by an interrupted try, now resumed
