@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, visible_lines
 
 from blurbtune.models import package_path
 
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-SUMMARY = re.compile(r"^biosses / tiny / none / seed 0: dev pearson best -?\d\.\d{4} \(epoch \d+\), "
+SUMMARY = re.compile(r"^biosses / tiny / none / seed 0: "
+                     r"dev pearson best -?\d\.\d{4} \(epoch \d+\), "
                      r"last -?\d\.\d{4}; test best -?\d\.\d{4}, last -?\d\.\d{4} "
                      r"\(constant predictor: -?\d\.\d{4}\)$")
 # Every line a plain run may leave on the console.
@@ -34,16 +34,6 @@ ALLOWED = (
 )
 GONE = ("LOAD REPORT", "litlogger", "weights_only", "exists and is not empty", "LeafSpec",
         "Total FLOPs", "GPU available", "Loading weights", "Saving the dataset", "DataLoader 0")
-
-
-def visible_lines(raw: str) -> list[str]:
-    """What a terminal shows: each line's last carriage-return frame, escapes removed."""
-    lines = []
-    for line in raw.split("\n"):
-        frames = [f for f in line.split("\r") if f.strip()]
-        if frames:
-            lines.append(ANSI.sub("", frames[-1]).rstrip())
-    return [line for line in lines if line.strip()]
 
 
 @pytest.fixture(scope="module")
