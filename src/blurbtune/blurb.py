@@ -6,9 +6,12 @@ import math
 from collections.abc import Mapping
 from functools import cache
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import pandas as pd  # loads with the published tables, not with the registry
 
 TASK_TYPES = ("ner", "pico", "relation", "similarity", "doc_classification", "qa")
 
@@ -85,6 +88,8 @@ def score(scores: Mapping[str, float]) -> float:
 def _read_table(table: str) -> pd.DataFrame:
     if table not in PUBLISHED_TABLES:
         raise ValueError(f"unknown table {table!r}; valid: {sorted(PUBLISHED_TABLES)}")
+    import pandas as pd
+
     path = files("blurbtune").joinpath("reference", PUBLISHED_TABLES[table])
     with path.open() as f:
         return pd.read_csv(f, comment="#", index_col=0)
@@ -97,6 +102,8 @@ def published_scores(table: str = "gu2021") -> pd.DataFrame:
     Table 7), `indus2024` (Bhattacharjee et al. 2024, Table 4: mean and std over 10 seeds).
     Rows are in the paper's order; the paper's own BLURB row is `published_blurb(table)`.
     """
+    import pandas as pd
+
     raw = _read_table(table).drop(index="BLURB", errors="ignore")
     out = raw.set_axis(pd.Index([task_name(key) for key in raw.index], name="task"))
     missing = sorted(set(tasks()) - set(out.index))

@@ -7,7 +7,7 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from blurbtune.models import attention, minilm_path, package_path
+from blurbtune.paths import minilm_path, package_path
 
 MAX_DIRNAME_BYTES = 200  # file systems allow 255 bytes per name; leave room for temp files
 
@@ -40,15 +40,45 @@ def mixed_precision() -> str:
         else "16-mixed"
 
 
+# Keys a run must not set on the command line, and what to set instead.
+RESERVED = {
+    "task.epochs": "task.epochs is the task's default number of epochs; set a run's epochs with "
+                   "trainer.max_epochs=N (one way, so one run folder)",
+}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse command-line overrides of keys that have another, documented way."""
+    from blurbtune.errors import ConfigError
+
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RESERVED:
+            raise ConfigError(f"{override}: {RESERVED[key]}")
+
+
+def _attention() -> str:
+    from blurbtune.models import attention  # imports torch: only when a config asks
+
+    return attention()
+
+
+def _help_text() -> str:
+    from blurbtune.help import text
+
+    return text()
+
+
 def register_resolvers() -> None:
     """Register blurbtune's resolvers once (idempotent)."""
     for name, fn in {
         "minilm_path": minilm_path,
-        "attention": attention,
+        "attention": _attention,
         "package_path": package_path,
         "dirname": dirname,
         "mixed_precision": mixed_precision,
         "multiply": lambda a, b: int(a) * int(b),
+        "blurbtune_help": _help_text,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -20,6 +20,7 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from blurbtune import __version__
+from blurbtune.console import datasets_bars_off
 from blurbtune.data import SPLITS, Split, read_splits
 from blurbtune.models import tokenizer_fingerprint
 from blurbtune.reproducibility import EpochPermutation, derived_seed, seed_worker
@@ -55,7 +56,8 @@ def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None
     if target is None:
         return enc, False
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    enc.save_to_disk(str(tmp))
+    with datasets_bars_off():  # the tokenising bar said it; a saving bar adds nothing
+        enc.save_to_disk(str(tmp))
     try:
         tmp.rename(target)
     except OSError:  # another run of the sweep saved it first

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from blurbtune import hub
 from blurbtune.errors import ConfigError
 from blurbtune.stabilizers import reinit_head
+from blurbtune.load_report import quiet_load, show_if_encoder
+from blurbtune.paths import minilm_path, package_path  # noqa: F401  (re-exported)
 from blurbtune.tasks import task_type
 
 HEADS = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification}
@@ -77,9 +79,22 @@ def _check_source(name: str, key: str) -> None:
         return
     if name.startswith(("/", ".", "~")):
         raise ConfigError(f"{key}={name!r}: no such folder (a local model folder was expected)")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConfigError(f"{key}={name!r} is a hub id but HF_HUB_OFFLINE is set; point {key} "
-                          "at a local folder holding the model")
+    if _offline():
+        if not hub.in_cache(name):
+            raise ConfigError(f"{key}={name!r} is a hub id but HF_HUB_OFFLINE is set and the "
+                              f"hub cache has no copy; point {key} at a local folder holding "
+                              "the model")
+        return
+    problem = hub.unreachable()
+    if problem:
+        hint = ("a copy is in the hub cache: set HF_HUB_OFFLINE=1 to use it" if hub.in_cache(name)
+                else f"set HF_HUB_OFFLINE=1 to use a cached copy, or point {key} at a local "
+                     "folder holding the model")
+        raise ConfigError(f"{key}={name!r} is a hub id and {problem}; {hint}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def load_tokenizer(model_cfg: Any, task: Any) -> PreTrainedTokenizerBase:
@@ -122,6 +137,9 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
             _deterministic_kernel(config, attn)
             model = auto.from_pretrained(name, config=config, ignore_mismatched_sizes=new_head,
                                          **kwargs)
+            with quiet_load() as report:  # the new head's missing weights are no news
+                model, info = auto.from_pretrained(name, config=config, output_loading_info=True)
+            show_if_encoder(report, model, info)
         except OSError as e:
             raise ConfigError(f"could not load model.name_or_path={name!r}: "
                               f"{str(e).splitlines()[0]}") from None

@@ -100,7 +100,8 @@ def model_source(model_cfg: Any, model: Any) -> dict[str, Any]:
 
 
 def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
-            splits: dict[str, Any], seeds: dict, determinism: dict) -> dict[str, Any]:
+            splits: dict[str, Any], seeds: dict, determinism: dict,
+            threads: dict | None = None) -> dict[str, Any]:
     """The provenance record of a run (a plain, JSON-ready dict)."""
     from blurbtune.models import tokenizer_fingerprint
 
@@ -122,6 +123,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
                  for name, split in splits.items()},
         "seeds": seeds,
         "determinism": determinism,
+        "threads": threads,
         "packages": packages(),
     }
 

@@ -58,7 +58,8 @@ class Resumable(pl.Callback):
         self._mid_epoch = mid_epoch
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.tmp")
-        trainer.save_checkpoint(tmp)  # written by rank 0 only, then all ranks meet
+        # The full state, to resume from; written by rank 0 only, then all ranks meet.
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 

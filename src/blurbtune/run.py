@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from blurbtune import provenance, stabilizers, stopping
+from blurbtune import console, loggers, provenance, stabilizers, stopping, threads
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
@@ -129,6 +129,7 @@ def _skip(previous: dict, out: Path) -> float:
         log.info("already completed, skipping (dev %s best %.4f, test best %.4f; delete its "
                  "results.json to run it again): %s", m, previous["dev"]["best"],
                  previous["test"]["best"], out)
+        _print_summary(previous, out)
         return float(previous["dev"]["best"])
     log.info("already diverged, skipping (%s; a divergence is a result: rerun_diverged=true "
              "runs it again): %s", previous.get("error"), out)
@@ -146,6 +147,8 @@ def _run(cfg: DictConfig, out: Path) -> float:
     seeds = resolve_seeds(cfg.seed, cfg.get("data_seed"), cfg.get("init_seed"))
     identity = _identity(cfg, seeds)
     identity.update(run_dir=str(out), overrides=_overrides())
+    identity["threads"] = threads.apply(cfg.get("threads"))
+    console.quiet_libraries()
     started = time.time()
     done: dict[str, Any] = {}  # what the run has done so far; _train fills it in
     try:
@@ -284,7 +287,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
 
     provenance.write(out, provenance.collect(
         overrides=identity["overrides"], model_cfg=cfg.model, model=model, tokenizer=tokenizer,
-        splits=dm.splits, seeds=seeds, determinism=flags))
+        splits=dm.splits, seeds=seeds, determinism=flags, threads=identity["threads"]))
     write_json(out / "results.json", {"status": "running", **identity})
     seed_all(seeds["seed"])
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
@@ -292,8 +295,11 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
                        float(cfg.optimizer.warmup_ratio), dm.examples)
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
     callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
-    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(out),
-                          callbacks=[*callbacks, Resumable(out, dm)])
+    trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(cfg, out),
+                          callbacks=[*callbacks, *console.progress_bar(trainer_cfg, callbacks),
+                                     Resumable(out, dm)])
+    hparams = loggers.log_start(trainer.loggers, cfg, {"seeds": seeds,
+                                                      "threads": identity["threads"]})
     resume_from = last_checkpoint(out)
     stopping.check()
     done.update(stage="training", module=module)
@@ -306,11 +312,13 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     train_time = time.perf_counter() - t0
     done["stage"] = "testing"
 
+    console.label_test(trainer, "test (last epoch)")
     trainer.test(module, datamodule=dm, verbose=False)
     test_last = module.outputs["test"]
     dev_last = module.history[-1]["dev"] if module.history else math.nan
     if module.best_state is not None:
         module.model.load_state_dict(module.best_state)
+    console.label_test(trainer, "test (best-on-dev weights)")
     trainer.test(module, datamodule=dm, verbose=False)
     test_best = module.outputs["test"]
     dev_best = module.best_dev
@@ -349,6 +357,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     }
     done["stage"] = "writing results"
     write_json(out / "results.json", results)
+    loggers.log_final(trainer.loggers, results, trainer.global_step, hparams)
     if not cfg.get("keep_checkpoints"):
         remove_checkpoints(out)
     (out / "error.log").unlink(missing_ok=True)  # left by an interrupted try, now resumed
@@ -356,10 +365,9 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     return float(dev_best["score"])
 
 
-def _logger(out: Path) -> Any:
-    from pytorch_lightning.loggers import CSVLogger
-
-    return CSVLogger(save_dir=str(out), name="", version="")
+def _logger(cfg: DictConfig, out: Path) -> list[Any]:
+    """The loggers of `cfg.logger` (conf/logger/; CSV by default), see blurbtune.loggers."""
+    return loggers.build(cfg, out)
 
 
 def _write_predictions(folder: Path, kind: Any, task: Any, dm: BlurbDataModule,

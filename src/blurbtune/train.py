@@ -8,8 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from blurbtune.config import register_resolvers
+from blurbtune.config import check_overrides, register_resolvers
 from blurbtune.errors import BlurbtuneError
+from blurbtune.threads import set_wait_policy
 
 register_resolvers()
 
@@ -21,13 +22,20 @@ def _main(cfg: DictConfig) -> float | None:
     None rather than NaN: the optuna sweeper marks a trial that returns None as failed, while
     a NaN makes optuna 2.x raise inside the sweeper and end the whole search.
     """
-    from blurbtune.run import run
-
     try:
+        check_overrides(_task_overrides())
+        from blurbtune.run import run  # torch, transformers, Lightning: only once a run starts
+
         score = run(cfg)
     except BlurbtuneError as e:  # only a single run re-raises; Hydra would print a traceback
         _fail(e)
     return None if math.isnan(score) else score
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def _fail(e: BlurbtuneError) -> None:
@@ -37,6 +45,7 @@ def _fail(e: BlurbtuneError) -> None:
 
 def main() -> None:
     """Run Hydra; bad input ends with a one-line error and exit status 2."""
+    set_wait_policy()  # before torch starts OpenMP
     try:
         _main()
     except BlurbtuneError as e:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blurbtune.report import checks, tables
-from blurbtune.report.build import NoResultsError, Report, build_report
+if TYPE_CHECKING:
+    from blurbtune.report.build import Report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def _section(title: str, lines: list[str], stream=sys.stdout) -> None:
 
 def print_report(report: Report) -> None:
     """Tables and written files on stdout; problems with the sweep on stderr."""
+    from blurbtune.report import tables
+
     varying = report.configs.varying
     print(tables.summary_markdown(report.summary, varying))
     print("Stability: failures and spread per configuration\n")
@@ -90,6 +93,8 @@ def _banner(title: str, lines: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run `blurbtune report`; 0 on success, 2 when a sweep folder holds no results."""
     args = parser().parse_args(argv)
+    from blurbtune.report.build import NoResultsError, build_report  # pandas, scipy, matplotlib
+
     try:
         report = build_report(args.sweeps, args.out)
     except NoResultsError as exc:

@@ -11,11 +11,12 @@ import csv
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from blurbtune.errors import DataError
+
+if TYPE_CHECKING:
+    import torch  # type hints only: reading data needs no torch
 
 Example = dict[str, Any]
 
@@ -140,4 +141,4 @@ class SequenceTask(TaskType):
         return out
 
     def decode_one(self, logits: torch.Tensor) -> Any:
-        return int(torch.argmax(logits).item())
+        return int(logits.argmax().item())

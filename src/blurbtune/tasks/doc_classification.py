@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from blurbtune.errors import DataError
 from blurbtune.tasks.base import Example, SequenceTask, read_tsv, register
+
+if TYPE_CHECKING:
+    import torch  # type hints only: reading data needs no torch
 
 
 @register("doc_classification")

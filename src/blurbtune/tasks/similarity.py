@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from blurbtune.errors import DataError
 from blurbtune.tasks.base import Example, SequenceTask, read_tsv, register
+
+if TYPE_CHECKING:
+    import torch  # type hints only: reading data needs no torch
 
 
 @register("similarity")

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from blurbtune.errors import DataError
 from blurbtune.tasks.base import Example, Rows, TaskType, label_index, register
 
@@ -102,7 +100,7 @@ class Tagging(TaskType):
         offsets = rows.word_offset or [0] * len(rows.example_idx)
         for idx, off, logits, labels in zip(rows.example_idx, offsets, rows.logits, rows.labels,
                                             strict=True):
-            firsts = torch.argmax(logits[labels != -100], dim=-1).tolist()
+            firsts = logits[labels != -100].argmax(dim=-1).tolist()
             for j, tag in enumerate(firsts):
                 preds[idx][off + j] = tag
                 filled[idx][off + j] = True

@@ -1,0 +1,7 @@
+"""`python -m blurbtune ...`: the same as the `blurbtune` command."""
+
+import sys
+
+from blurbtune.cli import main
+
+sys.exit(main())
