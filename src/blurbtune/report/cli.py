@@ -32,7 +32,7 @@ def _section(title: str, lines: list[str], stream=sys.stdout) -> None:
 
 def print_report(report: Report) -> None:
     """Tables and written files on stdout; problems with the sweep on stderr."""
-    from blurbtune.report import tables
+    from blurbtune.report import checks, tables
 
     varying = report.configs.varying
     print(tables.summary_markdown(report.summary, varying))
