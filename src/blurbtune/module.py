@@ -163,7 +163,7 @@ class FineTuner(pl.LightningModule):
 
     def evaluate_rows(self, split: str) -> dict:
         """Decode the gathered rows of `split` into predictions and score them."""
-        raw = _all_ranks(self._rows.pop(split, []))
+        raw = sorted(_all_ranks(self._rows.pop(split, [])), key=lambda r: (r[0], r[3]))
         rows = Rows([r[0] for r in raw], [r[1] for r in raw], [r[2] for r in raw],
                     [r[3] for r in raw])
         examples = self.examples(split)
