@@ -127,3 +127,21 @@ def test_evaluation_batches_run_longest_first_and_predictions_stay_in_input_orde
     assert sorted(order) == list(range(len(lengths)))
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
     assert dm.group_by_length  # NER: on by default ("auto")
+
+
+def test_file_hashes_are_computed_once_per_file_version(tmp_path) -> None:
+    import hashlib
+    import os
+
+    from blurbtune.data import _sha256, sha256_file
+
+    path = tmp_path / "train.tsv"
+    path.write_bytes(b"a\tb\n")
+    assert sha256_file(path) == hashlib.sha256(b"a\tb\n").hexdigest()
+    hits = _sha256.cache_info().hits
+    assert sha256_file(path) == hashlib.sha256(b"a\tb\n").hexdigest()
+    assert _sha256.cache_info().hits == hits + 1  # the second run of a sweep reads nothing
+    path.write_bytes(b"a\tc\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(path) == hashlib.sha256(b"a\tc\n").hexdigest()
