@@ -145,15 +145,15 @@ def trainer_run(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
-def _env(stamps: Path, threads: int) -> dict:
+def _env(stamps: Path, threads: int, code: Path = ROOT) -> dict:
     return {**os.environ, STAMPS: str(stamps), "OMP_NUM_THREADS": str(threads),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks"),
+            "PYTHONPATH": os.pathsep.join([str(Path(code) / "src"), str(ROOT / "benchmarks"),
                                            os.environ.get("PYTHONPATH", "")])}
 
 
 def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
     stamps = work / "blurbtune.jsonl"
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"model={args.model}",
+    cmd = [sys.executable, str(Path(args.code) / "train.py"), "-m", f"model={args.model}",
            f"task={args.task}", f"stabilizer={','.join(args.stabilizers)}",
            f"seed={','.join(map(str, args.seeds))}", f"data_dir={args.data_dir}",
            f"data.cache_dir={work / 'cache'}", f"data.max_train_examples={args.train_examples}",
@@ -164,7 +164,7 @@ def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
     t0 = time.time()
     with open(Path(args.out) / "logs" / "sweep-blurbtune.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=_env(stamps, args.threads))
+                       env=_env(stamps, args.threads, args.code))
     wall = time.time() - t0
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
     # Runs end with their second test (best weights); the next run starts there.
@@ -227,6 +227,9 @@ def main() -> None:
     p.add_argument("--sides", default="trainer,blurbtune", help="order in which the sides run")
     p.add_argument("--repeats", type=int, default=1, help="run the sides this many times (ABAB)")
     p.add_argument("--out", default="outputs/benchmark")
+    p.add_argument("--code", default=str(ROOT),
+                   help="checkout whose train.py and src/ blurbtune's side runs (default: this "
+                        "one; another checkout times the code before a change)")
     p.add_argument("--blurbtune-overrides", nargs="*", default=[],
                    help="extra config overrides for blurbtune's side")
     p.add_argument("--trainer-run", action="store_true", help=argparse.SUPPRESS)
