@@ -17,7 +17,6 @@ from tiny_runs import needs_fixtures, tiny_config
 from blurbtune.errors import ConfigError
 from blurbtune.module import best_weights
 from blurbtune.stabilizers import freeze_lower_layers
-from blurbtune.tasks import task_type
 
 
 def test_best_weights_copy_trainable_tensors_and_share_frozen_ones() -> None:
@@ -36,21 +35,19 @@ def test_best_weights_copy_trainable_tensors_and_share_frozen_ones() -> None:
     assert not torch.equal(state[trainable], model.state_dict()[trainable])
 
 
-@pytest.mark.parametrize(("kind", "value", "expected"), [
-    ("ner", "auto", True), ("pico", "auto", True), ("qa", "auto", True),
-    ("relation", "auto", False), ("similarity", "auto", False),
-    ("doc_classification", "auto", False), ("relation", True, True), ("ner", False, False)])
-def test_group_by_length_auto_is_on_where_lengths_vary(kind, value, expected) -> None:
-    from blurbtune.datamodule import resolve_group_by_length
+def test_group_by_length_auto_is_on_where_random_batches_are_mostly_padding() -> None:
+    from blurbtune.datamodule import padding_fraction, resolve_group_by_length
 
-    assert resolve_group_by_length(value, task_type(kind)) is expected
-
-
-def test_group_by_length_rejects_other_values() -> None:
-    from blurbtune.datamodule import resolve_group_by_length
-
+    # Hand-worked: batches [3, 9] and [5, 5] pad to 9 and 5: 22 real tokens of 28 fed.
+    assert padding_fraction([3, 9, 5, 5], [0, 1, 2, 3], 2) == pytest.approx(1 - 22 / 28)
+    varied = [3, 300] * 64  # a short and a long row in (nearly) every random batch
+    even = [77, 80] * 64  # BIOSSES-like pairs
+    assert resolve_group_by_length("auto", varied, 16, seed=0) is True
+    assert resolve_group_by_length("auto", even, 16, seed=0) is False
+    assert resolve_group_by_length(False, varied, 16, seed=0) is False
+    assert resolve_group_by_length(True, even, 16, seed=0) is True
     with pytest.raises(ConfigError, match="data.group_by_length='sometimes'"):
-        resolve_group_by_length("sometimes", task_type("ner"))
+        resolve_group_by_length("sometimes", even, 16, seed=0)
 
 
 PROBES: list = []
@@ -126,7 +123,6 @@ def test_evaluation_batches_run_longest_first_and_predictions_stay_in_input_orde
     lengths = [len(ids) for ids in dm.encoded["dev"]["input_ids"]]
     assert sorted(order) == list(range(len(lengths)))
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
-    assert dm.group_by_length  # NER: on by default ("auto")
 
 
 def test_file_hashes_are_computed_once_per_file_version(tmp_path) -> None:

@@ -70,14 +70,26 @@ def _encoder_code_hash(kind: Any) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
-def resolve_group_by_length(value: bool | str, kind: Any) -> bool:
-    """`data.group_by_length`: true, false, or "auto" (on for task types whose inputs vary
-    widely in length: NER, PICO, QA)."""
+PADDING_TO_GROUP = 0.25  # "auto" groups lengths when random batches would be more padding
+
+
+def resolve_group_by_length(value: bool | str, lengths: list[int], batch_size: int,
+                            seed: int) -> bool:
+    """`data.group_by_length`: true, false, or "auto": on when batches in random order would be
+    more than a quarter padding (NER, relation and QA sentences; not BIOSSES' even pairs)."""
     if isinstance(value, bool):
         return value
-    if str(value).lower() == "auto":
-        return bool(kind.varied_lengths)
-    raise ConfigError(f"data.group_by_length={value!r}: expected true, false or auto")
+    if str(value).lower() != "auto":
+        raise ConfigError(f"data.group_by_length={value!r}: expected true, false or auto")
+    return padding_fraction(lengths, EpochPermutation(len(lengths), seed).order(0),
+                            batch_size) > PADDING_TO_GROUP
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of pad tokens when `order` is cut into batches, each padded to its longest row."""
+    fed = sum(len(b) * max(lengths[i] for i in b)
+              for b in (order[k:k + batch_size] for k in range(0, len(order), batch_size)))
+    return 1 - sum(lengths) / fed if fed else 0.0
 
 
 def _lengths(ds: datasets.Dataset) -> list[int]:
@@ -138,7 +150,11 @@ class BlurbDataModule(pl.LightningDataModule):
         self.limits = {"train": max_train_examples, "dev": max_eval_examples,
                        "test": max_eval_examples}
         self.kind = task_type(task.type)
-        self.group_by_length = resolve_group_by_length(group_by_length, self.kind)
+        if not isinstance(group_by_length, bool) and str(group_by_length).lower() != "auto":
+            raise ConfigError(f"data.group_by_length={group_by_length!r}: expected true, "
+                              "false or auto")
+        self.group_by_length_setting = group_by_length
+        self.group_by_length: bool | None = None  # resolved once the lengths are known
         self.splits: dict[str, Split] = {}
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
@@ -176,8 +192,10 @@ class BlurbDataModule(pl.LightningDataModule):
         ds = self.encoded[split].with_format(None)
         if train:
             # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
+            lengths = _lengths(ds)
+            self.group_by_length = resolve_group_by_length(
+                self.group_by_length_setting, lengths, self.batch_size, self.data_seed)
             if self.group_by_length:
-                lengths = _lengths(ds)
                 self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed, lengths,
                                                         self.batch_size)
             else:

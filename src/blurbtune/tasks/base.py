@@ -38,7 +38,6 @@ class TaskType:
 
     head: str = "sequence"  # "sequence" or "token"
     problem_type: str | None = "single_label_classification"
-    varied_lengths: bool = False  # inputs range from a few tokens to max_length (group them)
 
     def read(self, path: Path, task: Any) -> list[Example]:
         """Read one split file into examples with an `id` and a `gold` field."""

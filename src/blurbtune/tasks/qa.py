@@ -16,7 +16,6 @@ from blurbtune.tasks.base import Example, SequenceTask, label_index, read_tsv, r
 @register("qa")
 class QuestionAnswering(SequenceTask):
     truncation = "only_second"
-    varied_lengths = True
 
     def read(self, path: Path, task: Any) -> list[Example]:
         if task.get("format") == "pubmedqa_json":

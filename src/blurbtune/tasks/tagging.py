@@ -60,7 +60,6 @@ def read_conll(path: Path, task: Any) -> list[Example]:
 class Tagging(TaskType):
     head = "token"
     problem_type = None
-    varied_lengths = True
 
     def read(self, path: Path, task: Any) -> list[Example]:
         return read_conll(path, task)
