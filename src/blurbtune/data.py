@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,14 @@ SPLITS = ("train", "dev", "test")
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes; a sweep's runs in one process hash each file once (the key
+    is the file's path, size and modification time, so a changed file is hashed again)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

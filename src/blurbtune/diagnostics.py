@@ -37,16 +37,22 @@ def part_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 def grad_norms(parts: dict[str, Sequence[nn.Parameter]]) -> torch.Tensor:
     """L2 norms of the current gradients: one per part in `parts`' order, then the total norm
-    (over every part, as gradient clipping computes it). A part without gradients gets 0."""
-    norms = []
+    (over every part, as gradient clipping computes it). A part without gradients gets 0.
+
+    One fused norm over every gradient (as `clip_grad_norm_` computes it), then a sum of
+    squares per part: no host sync, a handful of kernels whatever the number of tensors.
+    """
+    grads: list[torch.Tensor] = []
+    counts: list[int] = []
     for params in parts.values():
-        grads = [p.grad for p in params if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.detach().float()) for g in grads])) if grads
-            else torch.zeros(()))
-    device = next((n.device for n in norms if n.device.type != "cpu"), torch.device("cpu"))
-    stacked = torch.stack([n.to(device) for n in norms])
-    return torch.cat([stacked, torch.linalg.vector_norm(stacked).reshape(1)])
+        found = [p.grad.detach() for p in params if p.grad is not None]
+        grads.extend(found)
+        counts.append(len(found))
+    if not grads:
+        return torch.zeros(len(counts) + 1)
+    squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
+    per_part = torch.stack([chunk.sum() for chunk in squares.split(counts)]).sqrt()
+    return torch.cat([per_part, squares.sum().sqrt().reshape(1)])
 
 
 class GradientStats:

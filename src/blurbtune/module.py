@@ -55,6 +55,18 @@ def _all_ranks(raw: list[tuple]) -> list[tuple]:
     return sorted(unique.values(), key=lambda r: (r[0], r[3]))
 
 
+def best_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state to restore later, in host memory (never a second copy on the GPU).
+
+    Frozen parameters (`requires_grad=False`) cannot change during training, so on the CPU they
+    are kept by reference rather than copied.
+    """
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    return {k: v.detach() if id(v) in frozen and v.device.type == "cpu"
+            else v.detach().to("cpu", copy=True)
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
 class FineTuner(pl.LightningModule):
     """Fine-tunes `model`; evaluation gathers row outputs and scores whole splits."""
 
@@ -105,12 +117,22 @@ class FineTuner(pl.LightningModule):
             self.grad_stats.load_state_dict(self._grad_state)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-part gradient norms before clipping (Lightning clips after this hook)."""
+        """Per-part gradient norms before clipping (Lightning clips after this hook): summed
+        every step, logged only on the steps Lightning writes (`log_every_n_steps`)."""
         norms = grad_norms(self._parts)
         self.grad_stats.update(norms)
-        self.log_dict({f"grad_norm/{name}": norms[i]
-                       for i, name in enumerate(self.grad_stats.names)},
-                      on_step=True, on_epoch=False)
+        # The same test Lightning applies when it writes this step's metrics (after the step).
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_dict({f"grad_norm/{name}": norms[i]
+                           for i, name in enumerate(self.grad_stats.names)},
+                          on_step=True, on_epoch=False)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Callable | None = None) -> None:
+        """Step, then free the gradients at once: Lightning would clear them only after the
+        next batch's forward pass, which then holds a whole extra copy of them."""
+        optimizer.step(closure=optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
 
     def _epoch_record(self, dev: float, epoch: int) -> dict:
         """One history row: epoch, step, dev score, mean training loss since the last
@@ -144,7 +166,7 @@ class FineTuner(pl.LightningModule):
 
     def evaluate_rows(self, split: str) -> dict:
         """Decode the gathered rows of `split` into predictions and score them."""
-        raw = _all_ranks(self._rows.pop(split, []))
+        raw = sorted(_all_ranks(self._rows.pop(split, [])), key=lambda r: (r[0], r[3]))
         rows = Rows([r[0] for r in raw], [r[1] for r in raw], [r[2] for r in raw],
                     [r[3] for r in raw])
         examples = self.examples(split)
@@ -166,8 +188,7 @@ class FineTuner(pl.LightningModule):
         self.history.append(self._epoch_record(out["score"], epoch))
         if out["score"] > self.best_score:
             self.best_score, self.best_epoch = out["score"], epoch
-            self.best_state = {k: v.detach().to("cpu", copy=True)
-                               for k, v in self.model.state_dict().items()}
+            self.best_state = best_weights(self.model)
             self.best_dev = out
 
     def dev_is_stale(self) -> bool:

@@ -7,6 +7,7 @@ sha256 of every data file read, the seeds and the determinism flags in force.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 import subprocess
@@ -99,6 +100,13 @@ def model_source(model_cfg: Any, model: Any) -> dict[str, Any]:
             "revision": revision or "unknown", "weights": weights or "unknown"}
 
 
+@functools.cache
+def _process_state() -> dict[str, Any]:
+    """The code's git state and the installed packages, asked once per process: the runs of a
+    sweep run the code and packages the process imported when it started."""
+    return {"git": git_state(Path(blurbtune.__file__).parent), "packages": packages()}
+
+
 def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
             splits: dict[str, Any], seeds: dict, determinism: dict,
             threads: dict | None = None) -> dict[str, Any]:
@@ -111,7 +119,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
         "overrides": list(overrides),
         "code": {"blurbtune": blurbtune.__version__,
                  "source": str(Path(blurbtune.__file__).parent),
-                 **git_state(Path(blurbtune.__file__).parent)},
+                 **_process_state()["git"]},
         "python": {"version": sys.version.split()[0], "implementation":
                    platform.python_implementation(), "platform": platform.platform()},
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda,
@@ -124,7 +132,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
         "seeds": seeds,
         "determinism": determinism,
         "threads": threads,
-        "packages": packages(),
+        "packages": dict(_process_state()["packages"]),
     }
 
 

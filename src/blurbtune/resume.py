@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from blurbtune.reproducibility import rng_state, set_rng_state
 
@@ -37,6 +39,23 @@ def remove_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / FOLDER, ignore_errors=True)
 
 
+class FileCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing straight to a local file (atomically: a temporary
+    file, then a rename). Lightning's own serialises the whole checkpoint into memory first and
+    copies it again to write it: a transient of twice the checkpoint (weights, optimizer state,
+    best weights), which set the run's peak memory."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported when saving to a local file")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
 class Resumable(pl.Callback):
     """Saves `checkpoints/last.ckpt` (atomically) after each epoch's dev evaluation and
     when interrupted.
@@ -54,14 +73,14 @@ class Resumable(pl.Callback):
         self._previous_sigint: Any = None
         self._sigints = 0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
+            trainer.strategy.checkpoint_io = FileCheckpointIO()
+
     def _save(self, trainer: pl.Trainer, mid_epoch: bool = False) -> None:
         self._mid_epoch = mid_epoch
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{LAST}.tmp")
-        # The full state, to resume from; written by rank 0 only, then all ranks meet.
-        trainer.save_checkpoint(tmp, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        # The full state, to resume from (FileCheckpointIO: atomic, and rank 0 only under DDP).
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:

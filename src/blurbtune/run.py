@@ -245,7 +245,7 @@ def build(cfg: DictConfig, seeds: dict) -> tuple[Any, BlurbDataModule, Any, dict
         num_workers=int(cfg.data.num_workers), data_seed=seeds["data_seed"],
         max_train_examples=cfg.data.get("max_train_examples"),
         max_eval_examples=cfg.data.get("max_eval_examples"),
-        group_by_length=bool(cfg.data.get("group_by_length", False)))
+        group_by_length=cfg.data.get("group_by_length", "auto"))
     if not cfg.get("dry_run"):
         dm.prepare()
 

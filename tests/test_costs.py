@@ -1,0 +1,143 @@
+"""What keeps a run cheap in memory and time: gradients freed after each optimizer step,
+checkpoints written straight to their file, frozen weights not copied into the best-on-dev
+state, gradient norms logged only on the steps Lightning writes, length-grouped training
+batches by default where lengths vary, and evaluation batches sorted by length."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from test_stabilizers import make
+from tiny_runs import needs_fixtures, tiny_config
+
+from blurbtune.errors import ConfigError
+from blurbtune.module import best_weights
+from blurbtune.stabilizers import freeze_lower_layers
+
+
+def test_best_weights_copy_trainable_tensors_and_share_frozen_ones() -> None:
+    model = make("bert")
+    frozen = set(freeze_lower_layers(model, 2))
+    state = best_weights(model)
+    live = model.state_dict()
+    assert state.keys() == live.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, live[name]) and not tensor.requires_grad
+        assert (tensor.data_ptr() == live[name].data_ptr()) == (name in frozen), name
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what training does to trainable weights; frozen ones never move
+    trainable = next(n for n, p in model.named_parameters() if p.requires_grad)
+    assert not torch.equal(state[trainable], model.state_dict()[trainable])
+
+
+def test_group_by_length_auto_is_on_where_random_batches_are_mostly_padding() -> None:
+    from blurbtune.datamodule import padding_fraction, resolve_group_by_length
+
+    # Hand-worked: batches [3, 9] and [5, 5] pad to 9 and 5: 22 real tokens of 28 fed.
+    assert padding_fraction([3, 9, 5, 5], [0, 1, 2, 3], 2) == pytest.approx(1 - 22 / 28)
+    varied = [3, 300] * 64  # a short and a long row in (nearly) every random batch
+    even = [77, 80] * 64  # BIOSSES-like pairs
+    assert resolve_group_by_length("auto", varied, 16, seed=0) is True
+    assert resolve_group_by_length("auto", even, 16, seed=0) is False
+    assert resolve_group_by_length(False, varied, 16, seed=0) is False
+    assert resolve_group_by_length(True, even, 16, seed=0) is True
+    with pytest.raises(ConfigError, match="data.group_by_length='sometimes'"):
+        resolve_group_by_length("sometimes", even, 16, seed=0)
+
+
+PROBES: list = []
+
+
+class _Probe(pl.Callback):
+    """Records whether any gradient survives past the step that used it."""
+
+    def __init__(self) -> None:
+        self.grads_after_step: list[bool] = []
+        PROBES.append(self)
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.grads_after_step.append(any(p.grad is not None for p in module.parameters()))
+
+
+@needs_fixtures
+def test_gradients_are_freed_after_each_step_and_checkpoints_skip_the_memory_buffer(
+        tmp_path, monkeypatch) -> None:
+    import lightning_fabric.utilities.cloud_io as cloud_io
+
+    from blurbtune.run import run
+
+    def buffered(*a, **k):  # Lightning's writer, which holds the checkpoint in memory twice
+        raise AssertionError("checkpoint went through Lightning's in-memory writer")
+
+    monkeypatch.setattr(cloud_io, "_atomic_save", buffered)
+    monkeypatch.setattr("lightning_fabric.plugins.io.torch_io._atomic_save", buffered)
+    out = tmp_path / "run"
+    run(tiny_config(out, tmp_path / "cache", "task=ncbi_disease",
+                            "keep_checkpoints=true",
+                            "+trainer.callbacks=[{_target_: test_costs._Probe}]"))
+    probe = PROBES[-1]
+    assert json.loads((out / "results.json").read_text())["status"] == "completed"
+    assert probe.grads_after_step and not any(probe.grads_after_step)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["blurbtune"]["best_state"] is not None
+    assert not list((out / "checkpoints").glob(".*tmp"))
+
+
+@needs_fixtures
+def test_gradient_norms_are_written_every_log_every_n_steps(tmp_path) -> None:
+    from blurbtune.run import run
+
+    out = tmp_path / "run"
+    run(tiny_config(out, tmp_path / "cache", "trainer.max_epochs=2",
+                    "trainer.log_every_n_steps=3"))
+    with open(out / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("grad_norm/total")]
+    # 16 examples / batch 4 = 4 steps an epoch, 8 in all: Lightning writes steps 2 and 5
+    # (0-based, every third), and each such row has every part's norm.
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    for r in rows:
+        parts = [float(v) for k, v in r.items()
+                 if k.startswith("grad_norm/") and k != "grad_norm/total"]
+        assert float(r["grad_norm/total"]) == pytest.approx(sum(v * v for v in parts) ** 0.5,
+                                                             rel=1e-5)
+
+
+@needs_fixtures
+def test_evaluation_batches_run_longest_first_and_predictions_stay_in_input_order(
+        tmp_path) -> None:
+    from blurbtune.datamodule import BlurbDataModule
+    from blurbtune.models import load_tokenizer
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", "task=ncbi_disease")
+    tok = load_tokenizer(cfg.model, cfg.task)
+    dm = BlurbDataModule(cfg.task, tok, cfg.data_dir, batch_size=4, eval_batch_size=3,
+                         cache_dir=cfg.data.cache_dir)
+    dm.prepare()
+    loader = dm.val_dataloader()
+    order = [i for batch in loader for i in batch["example_idx"].tolist()]
+    lengths = [len(ids) for ids in dm.encoded["dev"]["input_ids"]]
+    assert sorted(order) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+
+
+def test_file_hashes_are_computed_once_per_file_version(tmp_path) -> None:
+    import hashlib
+    import os
+
+    from blurbtune.data import _sha256, sha256_file
+
+    path = tmp_path / "train.tsv"
+    path.write_bytes(b"a\tb\n")
+    assert sha256_file(path) == hashlib.sha256(b"a\tb\n").hexdigest()
+    hits = _sha256.cache_info().hits
+    assert sha256_file(path) == hashlib.sha256(b"a\tb\n").hexdigest()
+    assert _sha256.cache_info().hits == hits + 1  # the second run of a sweep reads nothing
+    path.write_bytes(b"a\tc\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(path) == hashlib.sha256(b"a\tc\n").hexdigest()
