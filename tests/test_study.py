@@ -1,0 +1,72 @@
+"""docs/study.md stands on the committed runs: the report regenerated from docs/study/runs gives
+the tables the doc quotes and the files committed under docs/study/report, and the plain
+Trainer baseline's table is recomputed from its committed results."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blurbtune.report.build import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "docs" / "study"
+DOC = ROOT / "docs" / "study.md"
+# <!-- report: stability.md --> ... <!-- end -->: a table copied from the report's output.
+BLOCK = re.compile(r"<!-- (report|trainer): ?(\S*) -->\n(.*?)<!-- end -->", re.S)
+
+pytestmark = pytest.mark.skipif(not (STUDY / "runs").is_dir(), reason="docs/study/runs absent")
+
+
+def _table(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.startswith("|")]
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study-report")
+    build_report([STUDY / "runs"], out)
+    return out
+
+
+def _trainer_summary() -> str:
+    spec = importlib.util.spec_from_file_location("study_trainer",
+                                                  ROOT / "benchmarks" / "study_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.summary_markdown(STUDY / "trainer")
+
+
+def test_doc_tables_are_the_regenerated_report(regenerated: Path) -> None:
+    blocks = BLOCK.findall(DOC.read_text())
+    assert {name for kind, name, _ in blocks if kind == "report"} >= {"stability.md",
+                                                                       "verdict.md"}
+    for kind, name, body in blocks:
+        expected = (regenerated / name).read_text() if kind == "report" else _trainer_summary()
+        assert _table(body) == _table(expected), f"docs/study.md's {kind} block {name} is stale"
+
+
+def test_committed_report_is_current(regenerated: Path) -> None:
+    for name in ("summary.md", "stability.md", "verdict.md", "paired.md"):
+        assert (STUDY / "report" / name).read_text() == (regenerated / name).read_text(), name
+    plots = {p.name for p in (regenerated / "plots").glob("*.png")}
+    assert {p.name for p in (STUDY / "report" / "plots").glob("*.png")} == plots
+    assert any(name.startswith("dev_curves_") for name in plots)
+    assert any(name.startswith("grad_norm_early_") for name in plots)
+
+
+def test_trainer_summary_against_numpy() -> None:
+    import json
+
+    results = [json.loads(p.read_text()) for p in (STUDY / "trainer").glob("*/trainer_result.json")]
+    scores = np.array([r["test"] for r in results])
+    last = _table(_trainer_summary())[-1]
+    assert f"n={len(results)}" in last
+    assert f"{100 * scores.mean():.2f} ± {100 * scores.std(ddof=1):.2f}" in last
+    # Failed: constant predictions, or no better than the constant predictor (as the report).
+    for r in results:
+        assert r["failed"] == (r["collapsed_test"] or r["test"] <= r["baseline_test"])
