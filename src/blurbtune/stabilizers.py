@@ -201,15 +201,16 @@ def reinit_head(model: nn.Module, generator: torch.Generator | None = None) -> l
             folder, num_labels=2, ignore_mismatched_sizes=True)
         reinit_head(model, torch.Generator().manual_seed(0))
     """
-    std = float(model.config.initializer_range)
+    parts = encoder_parts(model)
+    init_of = FAMILIES[parts.family].init
     modules = dict(model.named_modules())
     names: list[str] = []
     with torch.no_grad():
-        for prefix in encoder_parts(model).head_prefixes:
+        for prefix in parts.head_prefixes:
             for module_name, module in modules[prefix].named_modules(prefix=prefix):
                 own = [name for name, _ in module.named_parameters(recurse=False)]
                 if own:
-                    _reinit_module(module, std, generator)
+                    _reinit_module(module, init_of(model.config, module_name), generator)
                     names += [f"{module_name}.{name}" for name in own]
     return names
 
