@@ -121,10 +121,10 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
                                   task.name)
             config = AutoConfig.from_pretrained(name, **head)
             _deterministic_kernel(config, attn)
-            model = auto.from_pretrained(name, config=config, ignore_mismatched_sizes=new_head,
-                                         **kwargs)
             with quiet_load() as report:  # the new head's missing weights are no news
-                model, info = auto.from_pretrained(name, config=config, output_loading_info=True)
+                model, info = auto.from_pretrained(
+                    name, config=config, ignore_mismatched_sizes=new_head,
+                    output_loading_info=True, **kwargs)
             show_if_encoder(report, model, info)
         except OSError as e:
             raise ConfigError(f"could not load model.name_or_path={name!r}: "
