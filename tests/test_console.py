@@ -54,7 +54,10 @@ def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "task=biosses",
            f"data_dir={FIXTURES}", f"data.cache_dir={cwd / 'cache'}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=600, env=env)
+    # Decoded by hand: text=True would turn the bars' carriage returns into newlines.
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(),
+                                       done.stderr.decode())
 
 
 @pytest.mark.slow

@@ -187,13 +187,13 @@ def run_doc(path: Path, workdir: Path) -> list[str]:
             argv = words
         else:
             argv = [sys.executable, "-m", "blurbtune", *words[1:]]
-        done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
-                              timeout=900)
+        done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, timeout=900)
+        stdout, stderr = done.stdout.decode(), done.stderr.decode()  # keep the bars' \r
         where = f"{cmd.doc}:{cmd.line}: {cmd.text}"
         if done.returncode != 0:
-            problems.append(f"{where}: exit {done.returncode}: {done.stderr.strip()[-1500:]}")
+            problems.append(f"{where}: exit {done.returncode}: {stderr.strip()[-1500:]}")
             continue
-        shown = visible_lines(done.stdout + done.stderr)
+        shown = visible_lines(stdout + stderr)
         at = 0
         expected = list(cmd.expected)
         for placeholder, value in PLACEHOLDERS.items():
