@@ -52,7 +52,7 @@ NO_EFFECT = {
     "save_model": "whether model/ is also written after training",
     "keep_checkpoints": "whether checkpoints are kept after the run",
     "dry_run": "a dry run trains nothing and writes no results",
-    "rerun_diverged": "whether a rerun retrains a diverged run; the run's own settings are the rest",
+    "rerun_diverged": "whether a rerun retrains a diverged run, not how a run trains",
     "logger*": "where metrics are logged",
     "trainer.logger*": "where Lightning logs",
     "trainer.enable_progress_bar": "console display",
