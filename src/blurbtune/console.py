@@ -137,6 +137,14 @@ def _bar_class() -> type:
             self.train_progress_bar = self.init_train_tqdm()
             self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
 
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                                 batch_idx: int) -> None:
+            # A run resumed mid-epoch starts without on_train_epoch_start: open its bar here,
+            # at the batches the checkpoint had done.
+            if self._train_progress_bar is None:
+                self.on_train_epoch_start(trainer)
+                self.train_progress_bar.n = batch_idx
+
         def on_train_end(self, *_: Any) -> None:
             if self._train_progress_bar is not None:
                 self.train_progress_bar.close()
