@@ -1,4 +1,4 @@
-"""Fine-tune a biomedical encoder on a BLURB task: `python train.py model=... task=... stabilizer=...`."""
+"""Fine-tune a biomedical encoder on a BLURB task: `python train.py model=... task=...`."""
 
 from blurbtune.train import main
 
