@@ -314,7 +314,9 @@ def run_blurbtune(args: argparse.Namespace) -> dict:
 
     from blurbtune.run import run
 
-    cfg = _compose(args, [f"data.max_train_examples={args.train_examples}",
+    # blurbtune's `threads` setting would otherwise give the run every CPU, not --threads.
+    cfg = _compose(args, [f"threads={args.threads}",
+                          f"data.max_train_examples={args.train_examples}",
                           f"data.max_eval_examples={args.eval_examples}",
                           f"data.cache_dir={Path(args.workdir) / 'cache'}"])
     with open_dict(cfg):
