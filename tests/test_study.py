@@ -5,7 +5,6 @@ Trainer baseline's table is recomputed from its committed results."""
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,18 @@ import pytest
 from blurbtune.report.build import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / "docs" / "study"
-DOC = ROOT / "docs" / "study.md"
-# <!-- report: stability.md --> ... <!-- end -->: a table copied from the report's output.
-BLOCK = re.compile(r"<!-- (report|trainer): ?(\S*) -->\n(.*?)<!-- end -->", re.S)
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# scripts/study_doc.py writes the blocks of docs/study.md; the test reads them back with its pattern.
+STUDY_DOC = _load(ROOT / "scripts" / "study_doc.py")
+STUDY, DOC = STUDY_DOC.STUDY, STUDY_DOC.DOC
 
 pytestmark = pytest.mark.skipif(not (STUDY / "runs").is_dir(), reason="docs/study/runs absent")
 
@@ -34,15 +41,11 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trainer_summary() -> str:
-    spec = importlib.util.spec_from_file_location("study_trainer",
-                                                  ROOT / "benchmarks" / "study_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.summary_markdown(STUDY / "trainer")
+    return STUDY_DOC.trainer_summary()
 
 
 def test_doc_tables_are_the_regenerated_report(regenerated: Path) -> None:
-    blocks = BLOCK.findall(DOC.read_text())
+    blocks = [(m[2], m[3], m[4]) for m in STUDY_DOC.BLOCK.finditer(DOC.read_text())]
     assert {name for kind, name, _ in blocks if kind == "report"} >= {"stability.md",
                                                                        "verdict.md"}
     for kind, name, body in blocks:
