@@ -22,7 +22,7 @@ def _load(path: Path):
     return module
 
 
-# scripts/study_doc.py writes the blocks of docs/study.md; the test reads them back with its pattern.
+# scripts/study_doc.py writes the blocks of docs/study.md; the test reads them with its pattern.
 STUDY_DOC = _load(ROOT / "scripts" / "study_doc.py")
 STUDY, DOC = STUDY_DOC.STUDY, STUDY_DOC.DOC
 
