@@ -141,3 +141,31 @@ def test_file_hashes_are_computed_once_per_file_version(tmp_path) -> None:
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert sha256_file(path) == hashlib.sha256(b"a\tc\n").hexdigest()
+
+
+def test_compiled_model_computes_what_the_eager_one_does_and_keeps_its_keys() -> None:
+    from blurbtune.models import compile_model
+
+    eager = make("bert")
+    compiled = make("bert")
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    eager.eval()
+    compiled.eval()
+    with torch.no_grad():
+        for length in (7, 11):  # a second length runs the same dynamic-shape graph
+            ids = torch.randint(5, 50, (3, length), generator=torch.Generator().manual_seed(length))
+            assert torch.allclose(compiled(input_ids=ids).logits, eager(input_ids=ids).logits,
+                                  atol=1e-5)
+
+
+@needs_fixtures
+def test_a_compiled_run_completes_and_records_what_auto_chose(tmp_path) -> None:
+    from blurbtune.run import run
+
+    out = tmp_path / "run"
+    run(tiny_config(out, tmp_path / "cache", "task=ncbi_disease", "trainer.compile=true"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert isinstance(results["group_by_length"], bool)

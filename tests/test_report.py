@@ -410,6 +410,39 @@ def test_stabilizer_groups_by_what_was_applied(tmp_path: Path) -> None:
     assert len(summary) == 1 and summary.runs.iloc[0] == 2
 
 
+def _edit_results(folder: Path, **changes: object) -> None:
+    path = folder / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_run_time_choices_group_by_what_was_applied(tmp_path: Path) -> None:
+    """`data.group_by_length: auto` groups with the runs that trained as it chose to."""
+    root = tmp_path / "sweep"
+    write_run(root, seed=0, config=["data.group_by_length=false"], folder=root / "off")
+    _edit_results(write_run(root, seed=1, config=["data.group_by_length=auto"],
+                            folder=root / "auto_off"), group_by_length=False)
+    _edit_results(write_run(root, seed=2, config=["data.group_by_length=auto"],
+                            folder=root / "auto_on"), group_by_length=True)
+    summary = summary_of(root, tmp_path / "out")
+    assert sorted(zip(summary["data.group_by_length"], summary.runs, strict=True)) == [
+        (False, 2), (True, 1)]
+
+
+def test_a_key_added_later_reads_as_what_older_runs_did(tmp_path: Path) -> None:
+    """A run made before `trainer.compile` existed ran uncompiled: it groups with
+    `trainer.compile=false`, and apart from `true`."""
+    root = tmp_path / "sweep"
+    old = write_run(root, seed=0, config=[], folder=root / "old")
+    config = old / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("  compile: false\n", ""))
+    assert "compile" not in config.read_text()
+    write_run(root, seed=1, config=["trainer.compile=false"], folder=root / "new")
+    write_run(root, seed=2, config=["trainer.compile=true"], folder=root / "compiled")
+    summary = summary_of(root, tmp_path / "out")
+    assert sorted(zip(summary["trainer.compile"], summary.runs, strict=True)) == [
+        (False, 2), (True, 1)]
+
+
 def test_folders_without_config_group_by_results(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     for seed in (0, 1):

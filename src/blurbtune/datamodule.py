@@ -156,7 +156,7 @@ class BlurbDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.group_by_length={group_by_length!r}: expected true, "
                               "false or auto")
         self.group_by_length_setting = group_by_length
-        self.group_by_length: bool | None = None  # resolved once the lengths are known
+        self.group_by_length: bool | None = None  # resolved by prepare(), from the lengths
         self.splits: dict[str, Split] = {}
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
@@ -183,6 +183,9 @@ class BlurbDataModule(pl.LightningDataModule):
             self.encoded[name], self.from_cache[name] = encode_split(
                 split, self.tokenizer, self.task, self.cache_dir, fingerprint)
         self.timing["tokenise_s"] = time.perf_counter() - t0
+        self.group_by_length = resolve_group_by_length(
+            self.group_by_length_setting, _lengths(self.encoded["train"].with_format(None)),
+            self.batch_size, self.data_seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -194,11 +197,8 @@ class BlurbDataModule(pl.LightningDataModule):
         ds = self.encoded[split].with_format(None)
         if train:
             # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
-            lengths = _lengths(ds)
-            self.group_by_length = resolve_group_by_length(
-                self.group_by_length_setting, lengths, self.batch_size, self.data_seed)
             if self.group_by_length:
-                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed, lengths,
+                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed, _lengths(ds),
                                                         self.batch_size)
             else:
                 self.train_sampler = EpochPermutation(len(ds), self.data_seed)

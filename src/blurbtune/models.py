@@ -152,6 +152,14 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
     return model
 
 
+def compile_model(model: PreTrainedModel) -> None:
+    """`trainer.compile`: torch.compile the model's forward in place (`nn.Module.compile`, so
+    its state_dict keys, checkpoints and saved folders stay as they are). Shapes are compiled
+    as dynamic from the first batch: every batch has its own length, and a graph per length
+    would recompile all run long."""
+    model.compile(dynamic=True)
+
+
 def _deterministic_kernel(config: Any, attn: Any) -> None:
     """Flash attention's backward pass is deterministic only on request (ModernBERT's
     ``deterministic_flash_attn``): ask for it when the run asked for deterministic algorithms."""

@@ -28,7 +28,7 @@ from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
 from blurbtune.lock import LockHeld, RunLock
-from blurbtune.models import load_model, load_tokenizer
+from blurbtune.models import compile_model, load_model, load_tokenizer
 from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import (
     enable_determinism,
@@ -90,6 +90,9 @@ def _identity(cfg: DictConfig, seeds: dict) -> dict:
         "max_epochs": int(cfg.trainer.max_epochs), "metric": cfg.task.metric,
     }
 
+
+# Keys of the trainer config that blurbtune reads itself; the rest go to pytorch_lightning.Trainer.
+NOT_TRAINER_ARGS = ("matmul_precision", "compile")
 
 FINAL = ("completed", "diverged")  # results, not attempts: a rerun skips them
 
@@ -276,6 +279,8 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     tokenizer, dm, model, extras = build(cfg, seeds)
     groups, flags = extras["groups"], extras["determinism"]
     identity.update(extras["stabilizer"])  # what `recommended` chose, if it was asked
+    # What `data.group_by_length: auto` chose: the report groups runs by what was applied.
+    identity["group_by_length"] = dm.group_by_length
     rows = stabilizers.describe_param_groups(model, groups, extras["frozen"], extras["reinit"])
     write_json(out / "param_groups.json", {**identity, "groups": rows})
     if identity["stabilizer_choice"]:
@@ -293,7 +298,9 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
                        float(cfg.optimizer.warmup_ratio), dm.examples)
-    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "matmul_precision"}
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in NOT_TRAINER_ARGS}
+    if cfg.trainer.get("compile"):
+        compile_model(model)
     callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
     trainer = instantiate(trainer_cfg, default_root_dir=str(out), logger=_logger(cfg, out),
                           callbacks=[*callbacks, *console.progress_bar(trainer_cfg, callbacks),

@@ -67,6 +67,11 @@ BY_CONTENT = {
 }
 # The stabilizer config says what was asked for; results.json says what was applied.
 REQUESTED_STABILIZER = "stabilizer"
+# Settings that choose at run time, and the results.json key that records what they chose.
+APPLIED = {"data.group_by_length": "group_by_length"}
+# Keys added to the config after runs were made with the behaviour they now name: a run whose
+# config lacks one ran as this value says, and groups with new runs that set it so.
+ADDED_KEYS = {"trainer.compile": False}
 
 # Keys the tables show in their own columns (Task, Stabilizer, Knobs, lr, bs).
 SHOWN = (TASK, STABILIZER, KNOBS, LR, BATCH_SIZE)
@@ -205,7 +210,12 @@ def run_identity(folder: Path, result: dict) -> dict[str, str]:
             raise ValueError(f"{PROVENANCE_FILE}: expected a JSON object")
 
     identity = {} if config is None else {
-        key: _text(value) for key, value in config.items() if not excluded(key)}
+        key: _text(value) for key, value in {**ADDED_KEYS, **config}.items()
+        if not excluded(key)}
+    if config is not None:
+        for key, recorded_as in APPLIED.items():
+            if result.get(recorded_as) is not None:
+                identity[key] = _text(result[recorded_as])
     recorded = {
         TASK: result.get("task"),
         STABILIZER: result.get("stabilizer") or "none",
