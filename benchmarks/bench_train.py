@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 WAYS = ("hf-maxpad", "hf-dynamic", "blurbtune")
+# Opt-in (--ways): blurbtune with trainer.compile=true, its compile time inside its training time.
+OPTIONAL_WAYS = ("blurbtune-compile",)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -309,13 +311,13 @@ def make_timer() -> Any:
     return TIMERS[-1]
 
 
-def run_blurbtune(args: argparse.Namespace) -> dict:
+def run_blurbtune(args: argparse.Namespace, compiled: bool = False) -> dict:
     from omegaconf import open_dict
 
     from blurbtune.run import run
 
     # blurbtune's `threads` setting would otherwise give the run every CPU, not --threads.
-    cfg = _compose(args, [f"threads={args.threads}",
+    cfg = _compose(args, [f"threads={args.threads}", f"trainer.compile={str(compiled).lower()}",
                           f"data.max_train_examples={args.train_examples}",
                           f"data.max_eval_examples={args.eval_examples}",
                           f"data.cache_dir={Path(args.workdir) / 'cache'}"])
@@ -366,7 +368,9 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     fn = {"hf-maxpad": lambda: run_hf(args, pad=True),
           "hf-dynamic": lambda: run_hf(args, pad=False),
-          "blurbtune": lambda: run_blurbtune(args), "sweep": lambda: run_sweep(args)}[args.child]
+          "blurbtune": lambda: run_blurbtune(args),
+          "blurbtune-compile": lambda: run_blurbtune(args, compiled=True),
+          "sweep": lambda: run_sweep(args)}[args.child]
     result = fn()
     result["torch_threads"] = torch.get_num_threads()
     Path(args.child_out).write_text(json.dumps(result))
@@ -390,7 +394,9 @@ def spawn(args: argparse.Namespace, way: str, model: str, task: str) -> dict:
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                       [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
         if proc.returncode:
-            raise SystemExit(f"{way} on {model}/{task} failed; see {log}")
+            print(f"{model:7s} {task:13s} {way:10s} FAILED (exit {proc.returncode}); see {log}",
+                  flush=True)
+            return None
         return json.loads(out.read_text())
 
 
@@ -403,14 +409,18 @@ def derive(r: dict, peak: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    gpu = any("peak_gpu_mb" in r for r in rows)
     head = ("| model | task | way | train ex/s | train tok/s | eval ex/s | MFU | peak RSS MB | "
-            "data s | train s | eval s | x dynamic | x maxpad |")
+            + ("peak GPU MB | " if gpu else "")
+            + "data s | train s | eval s | x dynamic | x maxpad |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['task']} | {r['way']} | {r['train_ex_s']:.1f} | "
             f"{r['train_tok_s']:.0f} | {r['eval_ex_s']:.1f} | {100 * r['mfu']:.2f}% | "
-            f"{r['peak_rss_mb']:.0f} | {r['data_s']:.2f} | {r['train_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | "
+            + (f"{r.get('peak_gpu_mb', 0):.0f} | " if gpu else "")
+            + f"{r['data_s']:.2f} | {r['train_s']:.1f} | "
             f"{r['eval_s']:.1f} | "
             f"{r.get('x_dynamic', 1.0):.2f} | {r.get('x_maxpad', 1.0):.2f} |")
     return "\n".join(lines)
@@ -420,7 +430,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,minilm")
     p.add_argument("--tasks", default="biosses,gad,ncbi_disease")
-    p.add_argument("--ways", default=",".join(WAYS))
+    p.add_argument("--ways", default=",".join(WAYS),
+                   help=f"comma-separated, in order, from {', '.join(WAYS + OPTIONAL_WAYS)}")
     p.add_argument("--data-dir", default=os.environ.get("BLURB_DATA_DIR")
                    or str(ROOT / "tests" / "fixtures" / "blurb"))
     p.add_argument("--train-examples", type=int, default=128,
@@ -453,12 +464,16 @@ def main() -> None:
     peak = peak_matmul_flops(_device())
     print(f"peak matmul: {peak['flops'] / 1e9:.1f} GFLOP/s ({peak['dtype']}, n={peak['n']}, "
           f"{peak['device']}, {peak['torch_threads']} threads); data: {args.data_dir}", flush=True)
-    rows, sweeps = [], []
+    rows, sweeps, failed = [], [], []
     for model in args.models.split(","):
         for task in args.tasks.split(","):
             by_way = {}
             for way in args.ways.split(","):
-                r = derive(spawn(args, way, model, task), peak["flops"])
+                result = spawn(args, way, model, task)
+                if result is None:  # said above; the other ways and tasks still run
+                    failed.append(f"{model}/{task}/{way}")
+                    continue
+                r = derive(result, peak["flops"])
                 r.update(model=model, task=task, way=way)
                 by_way[way] = r
                 print(f"{model:7s} {task:13s} {way:10s} train {r['train_ex_s']:7.1f} ex/s "
@@ -472,6 +487,9 @@ def main() -> None:
             rows.extend(by_way.values())
             if not args.no_sweep:
                 s = spawn(args, "sweep", model, task)
+                if s is None:
+                    failed.append(f"{model}/{task}/sweep")
+                    continue
                 s.update(model=model, task=task)
                 sweeps.append(s)
                 print(f"{model:7s} {task:13s} sweep      data prep first run "
@@ -489,6 +507,8 @@ def main() -> None:
         md += [f"| {s['model']} | {s['task']} | {s['first']['data_s']:.2f} | "
                f"{s['second']['data_s']:.3f} | {100 * s['ratio']:.1f}% | "
                f"{s['second']['from_cache']} |" for s in sweeps]
+    if failed:
+        md += ["", f"FAILED (see {Path(args.out) / 'logs'}): {', '.join(failed)}"]
     text = "\n".join(md)
     print("\n" + text)
     out = Path(args.out)
@@ -499,6 +519,8 @@ def main() -> None:
                                            if not k.startswith("child") and v is not None},
          "runs": rows, "sweep": sweeps, "wall_s": total}, indent=2))
     print(f"\nwritten: {out / 'benchmark.md'}, {out / 'benchmark.json'}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,59 @@ def test_a_compiled_run_completes_and_records_what_auto_chose(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
     assert isinstance(results["group_by_length"], bool)
+
+
+def test_bf16_clipping_works_with_the_fused_optimizer() -> None:
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer; bf16 has no
+    gradient scaler, so FineTuner clips the true gradients itself, to the global norm."""
+    from omegaconf import OmegaConf
+
+    from blurbtune.module import FineTuner
+
+    model = make("bert")
+    params = [p for p in model.parameters()]
+    module = FineTuner(model, OmegaConf.create({"type": "relation", "metric": "micro_f1"}),
+                       [{"params": params, "lr": 1e-3, "weight_decay": 0.0}],
+                       lambda groups: torch.optim.AdamW(groups, fused=True), 0.1, lambda s: [])
+    module.trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False,
+                                enable_progress_bar=False)
+    optimizer = torch.optim.AdamW(params, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    before = [p.grad.clone() for p in params]
+    total = float(torch.sqrt(sum((g.double() ** 2).sum() for g in before)))
+    assert total > 1.0
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0,
+                                       gradient_clip_algorithm="norm")
+    for p, g in zip(params, before, strict=True):
+        assert torch.allclose(p.grad, g / total, rtol=1e-4, atol=1e-7)
+
+
+@needs_fixtures
+def test_a_bf16_run_completes(tmp_path) -> None:
+    from blurbtune.run import run
+
+    out = tmp_path / "run"
+    run(tiny_config(out, tmp_path / "cache", "trainer.precision=bf16-mixed"))
+    assert json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+def test_fp16_with_a_scaler_steps_unfused_so_that_clipping_sees_unscaled_gradients() -> None:
+    import functools
+    import types
+
+    from omegaconf import OmegaConf
+
+    from blurbtune.module import FineTuner
+
+    model = make("bert")
+    factory = functools.partial(torch.optim.AdamW, fused=True)
+    module = FineTuner(model, OmegaConf.create({"type": "relation", "metric": "micro_f1"}),
+                       [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}],
+                       factory, 0.1, lambda s: [])
+    for scaler, fused in ((object(), False), (None, True)):
+        module._trainer = types.SimpleNamespace(
+            precision_plugin=types.SimpleNamespace(scaler=scaler), estimated_stepping_batches=10)
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert optimizer.defaults["fused"] is fused

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from transformers import get_linear_schedule_with_warmup
 
 from blurbtune.diagnostics import GradientStats, grad_norms, part_params
@@ -127,6 +129,25 @@ class FineTuner(pl.LightningModule):
                            for i, name in enumerate(self.grad_stats.names)},
                           on_step=True, on_epoch=False)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as `trainer.gradient_clip_val` says. Lightning's mixed-precision plugin refuses
+        any fused optimizer, for fear that a gradient scaler left the gradients scaled; bf16 has
+        no scaler, so there the gradients are the true ones and are clipped here, over the
+        optimizer's parameters as Lightning would."""
+        plugin = self.trainer.precision_plugin
+        if (not gradient_clip_val or self._grad_scaler() is not None
+                or not isinstance(plugin, MixedPrecision)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Callable | None = None) -> None:
         """Step, then free the gradients at once: Lightning would clear them only after the
@@ -202,13 +223,22 @@ class FineTuner(pl.LightningModule):
         out = self.evaluate_rows("test")
         self.log(f"test/{self.task.metric}", out["score"])
 
+    def _grad_scaler(self) -> Any:
+        """The precision plugin's gradient scaler (fp16 mixed precision), else None."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def configure_optimizers(self) -> Any:
         groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
                   for g in self.param_groups]
         layers = [i for i, g in enumerate(self.param_groups)
                   if str(g.get("name", "")).startswith("layer.")]
         self._top_group = layers[-1] if layers else None
-        optimizer = self.optimizer_factory(groups)
+        factory = self.optimizer_factory
+        if self._grad_scaler() is not None and getattr(factory, "keywords", {}).get("fused"):
+            # fp16: a fused step unscales the gradients inside itself, after clipping would
+            # have had to see them unscaled; the per-tensor step lets the scaler unscale first.
+            factory = functools.partial(factory, fused=False)
+        optimizer = factory(groups)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(round(self.warmup_ratio * total)), total)
