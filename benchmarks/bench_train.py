@@ -317,7 +317,8 @@ def run_blurbtune(args: argparse.Namespace, compiled: bool = False) -> dict:
     from blurbtune.run import run
 
     # blurbtune's `threads` setting would otherwise give the run every CPU, not --threads.
-    cfg = _compose(args, [f"threads={args.threads}", f"trainer.compile={str(compiled).lower()}",
+    compile_ = ["trainer.compile=true"] if compiled else []  # code before the key had none
+    cfg = _compose(args, [*compile_, f"threads={args.threads}",
                           f"data.max_train_examples={args.train_examples}",
                           f"data.max_eval_examples={args.eval_examples}",
                           f"data.cache_dir={Path(args.workdir) / 'cache'}"])
