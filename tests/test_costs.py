@@ -48,6 +48,16 @@ def test_group_by_length_auto_is_on_where_random_batches_are_mostly_padding() ->
     assert resolve_group_by_length(True, even, 16, seed=0) is True
     with pytest.raises(ConfigError, match="data.group_by_length='sometimes'"):
         resolve_group_by_length("sometimes", even, 16, seed=0)
+    # 128 rows of batch 16 pool 2 batches; 48 rows would pool 1 (the same batches each epoch
+    # if sorted whole), so auto leaves them in random batches.
+    assert resolve_group_by_length("auto", varied[:48], 16, seed=0) is False
+
+
+def test_pools_hold_4_batches_and_an_epoch_at_least_4_pools() -> None:
+    from blurbtune.datamodule import pool_batches
+
+    assert [pool_batches(n, 32) for n in (100, 128, 255, 256, 384, 512, 1024, 5424)] == [
+        1, 1, 1, 2, 3, 4, 4, 4]
 
 
 PROBES: list = []

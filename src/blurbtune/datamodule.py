@@ -78,13 +78,14 @@ PADDING_TO_GROUP = 0.25  # "auto" groups lengths when random batches would be mo
 def resolve_group_by_length(value: bool | str, lengths: list[int], batch_size: int,
                             seed: int) -> bool:
     """`data.group_by_length`: true, false, or "auto": on when batches in random order would be
-    more than a quarter padding (NER, relation and QA sentences; not BIOSSES' even pairs)."""
+    more than a quarter padding (NER, relation and QA sentences) and the training set is large
+    enough to pool more than one batch (see `pool_batches`)."""
     if isinstance(value, bool):
         return value
     if str(value).lower() != "auto":
         raise ConfigError(f"data.group_by_length={value!r}: expected true, false or auto")
-    return padding_fraction(lengths, EpochPermutation(len(lengths), seed).order(0),
-                            batch_size) > PADDING_TO_GROUP
+    return pool_batches(len(lengths), batch_size) > 1 and padding_fraction(
+        lengths, EpochPermutation(len(lengths), seed).order(0), batch_size) > PADDING_TO_GROUP
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
@@ -101,8 +102,16 @@ def _lengths(ds: datasets.Dataset) -> list[int]:
 # Rows are drawn at random into pools of this many batches; each pool is sorted by length and
 # cut into batches. The Trainer's sampler pools up to 50 batches (nearly sorted batches): on
 # NCBI-disease that fed 2x fewer tokens but cost 1.9 test F1 points over 3 seeds, while pools
-# of 4 fed 1.55x fewer and kept the scores of random batches (docs/benchmark.md).
+# of 4 fed 1.55x fewer and kept the scores of random batches (docs/benchmark.md). As in the
+# Trainer's sampler, an epoch holds at least 4 pools, so that a small training set is not
+# sorted whole into the same batches every epoch.
 LENGTH_GROUP_BATCHES = 4
+
+
+def pool_batches(n_rows: int, batch_size: int) -> int:
+    """Batches per length-sorted pool: LENGTH_GROUP_BATCHES, fewer where an epoch would hold
+    fewer than 4 pools (1: batches as drawn, nothing sorted)."""
+    return max(1, min(n_rows // (4 * batch_size), LENGTH_GROUP_BATCHES))
 
 
 class LengthGroupedOrder(EpochPermutation):
@@ -117,7 +126,8 @@ class LengthGroupedOrder(EpochPermutation):
     def order(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         return list(get_length_grouped_indices(self.lengths, self.batch_size,
-                                               mega_batch_mult=LENGTH_GROUP_BATCHES,
+                                               mega_batch_mult=pool_batches(
+                                                   len(self.lengths), self.batch_size),
                                                generator=gen))
 
 
