@@ -316,13 +316,13 @@ def run_blurbtune(args: argparse.Namespace, compiled: bool = False) -> dict:
 
     from blurbtune.run import run
 
-    # blurbtune's `threads` setting would otherwise give the run every CPU, not --threads.
     compile_ = ["trainer.compile=true"] if compiled else []  # code before the key had none
-    cfg = _compose(args, [*compile_, f"threads={args.threads}",
-                          f"data.max_train_examples={args.train_examples}",
+    cfg = _compose(args, [*compile_, f"data.max_train_examples={args.train_examples}",
                           f"data.max_eval_examples={args.eval_examples}",
                           f"data.cache_dir={Path(args.workdir) / 'cache'}"])
     with open_dict(cfg):
+        if "threads" in cfg:  # else every CPU, not --threads (code before the key: the child's)
+            cfg.threads = args.threads
         cfg.run_dir = str(Path(args.workdir) / "run")
         cfg.trainer.callbacks = [{"_target_": f"{__name__}.make_timer"}]
         if args.quiet:
