@@ -13,7 +13,8 @@ file written per run; both start from an empty tokenisation cache:
 Timed end to end (start-up, data, training, evaluation, writing). Each run also stamps when
 it started, when its first optimizer step ended and when it ended, which gives each run's
 fixed cost: from its start (a new process, or the end of the sweep's previous run) to the
-end of its first step, less that step's compute (the median of the other steps).
+end of its first step, less that step's compute (the median of the other steps); and its
+setup: from its start to the start of its first step (imports, config, data, model, trainer).
 
     BLURB_DATA_DIR=/path/to/blurb python benchmarks/bench_sweep.py --threads 1
 """
@@ -209,6 +210,7 @@ def _per_run(events: list[dict], start: float, end: float) -> dict:
     first_done = steps[0]["t"]
     return {"run_s": end - start, "to_first_step_s": first_done - start,
             "fixed_s": first_done - start - typical, "first_step_s": steps[0]["s"],
+            "setup_s": first_done - start - steps[0]["s"],
             "typical_step_s": typical, "steps": len(steps)}
 
 
@@ -259,7 +261,8 @@ def main() -> None:
             print(f"[{rep}] {side:9s} wall {r['wall_s']:6.1f}s  per-run fixed cost "
                   + " ".join(f"{f:.1f}" for f in fixed) + " s", flush=True)
     lines = ["| repeat | side | sweep wall s | runs | per-run fixed s (each run) | "
-             "typical step s | x trainer |", "|---|---|---|---|---|---|---|"]
+             "per-run setup s (each run) | typical step s | x trainer |",
+             "|---|---|---|---|---|---|---|---|"]
     for rep in range(args.repeats):
         base = results.get("trainer", [None] * args.repeats)[rep]
         for side, rs in results.items():
@@ -267,7 +270,8 @@ def main() -> None:
             ratio = base["wall_s"] / r["wall_s"] if base else float("nan")
             steps = statistics.median(x.get("typical_step_s", float("nan")) for x in r["runs"])
             lines.append(f"| {rep} | {side} | {r['wall_s']:.1f} | {len(r['runs'])} | "
-                         + ", ".join(f"{x['fixed_s']:.1f}" for x in r["runs"])
+                         + ", ".join(f"{x['fixed_s']:.1f}" for x in r["runs"]) + " | "
+                         + ", ".join(f"{x.get('setup_s', float('nan')):.1f}" for x in r["runs"])
                          + f" | {steps:.3f} | {ratio:.2f} |")
     text = "\n".join(lines)
     print("\n" + text)

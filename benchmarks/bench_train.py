@@ -9,10 +9,11 @@ batch size, epochs, learning rate, max length, seed and torch threads:
 
 Each way runs in its own process, so peak memory is its own. Training throughput is timed over
 training steps only (from each epoch's start to its last optimizer step); evaluation is timed
-and reported separately, since blurbtune evaluates more (dev each epoch, test twice). MFU is
-6 x parameters x real (non-pad) training tokens/s over the peak matmul FLOP/s measured in the
-same run (fp32 on CPU, bf16 on a GPU). "sweep" times the data preparation of a sweep's first
-run (cold cache) and its second run (warm cache), through blurbtune's own DataModule.
+and reported separately, since blurbtune evaluates more (dev each epoch, test twice unless the
+best weights are the last). MFU is 6 x parameters x real (non-pad) training tokens/s over
+the peak matmul FLOP/s measured in the same run (fp32 on CPU, bf16 on a GPU). "sweep" times
+the data preparation of a sweep's first run (cold cache) and its second run (warm cache),
+through blurbtune's own DataModule.
 
     python benchmarks/bench_train.py                        # tiny + minilm on 3 tasks, CPU
     python benchmarks/bench_train.py --models minilm --tasks gad --train-examples 512

@@ -235,3 +235,28 @@ def test_fp16_with_a_scaler_steps_unfused_so_that_clipping_sees_unscaled_gradien
             precision_plugin=types.SimpleNamespace(scaler=scaler), estimated_stepping_batches=10)
         optimizer = module.configure_optimizers()["optimizer"]
         assert optimizer.defaults["fused"] is fused
+
+
+class _TestPasses(pl.Callback):
+    def __init__(self) -> None:
+        self.passes = 0
+        PROBES.append(self)
+
+    def on_test_start(self, trainer, module) -> None:
+        self.passes += 1
+
+
+@needs_fixtures
+def test_test_is_scored_once_when_the_best_weights_are_the_last(tmp_path) -> None:
+    """One epoch: the best-on-dev weights are the final ones, so one test pass scores both."""
+    from blurbtune.run import run
+
+    out = tmp_path / "run"
+    run(tiny_config(out, tmp_path / "cache",
+                    "+trainer.callbacks=[{_target_: test_costs._TestPasses}]"))
+    results = json.loads((out / "results.json").read_text())
+    assert PROBES[-1].passes == 1
+    assert results["test"]["best"] == results["test"]["last"]
+    best, last = ((out / "predictions" / name).read_text().splitlines()
+                  for name in ("test.jsonl", "test_last.jsonl"))
+    assert best == last

@@ -84,6 +84,7 @@ class FineTuner(pl.LightningModule):
         self._rows: dict[str, list] = {}
         self.best_score = -math.inf
         self.best_epoch = -1
+        self.best_step = -1  # global step at which best_state was taken
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_dev: dict | None = None  # predictions and score of the best dev epoch
         self.history: list[dict] = []  # one entry per dev evaluation: epoch, step, score
@@ -209,8 +210,14 @@ class FineTuner(pl.LightningModule):
         self.history.append(self._epoch_record(out["score"], epoch))
         if out["score"] > self.best_score:
             self.best_score, self.best_epoch = out["score"], epoch
+            self.best_step = self.global_step
             self.best_state = best_weights(self.model)
             self.best_dev = out
+
+    def best_is_last(self) -> bool:
+        """Whether the best-on-dev weights are the model's current weights (the last
+        evaluation set the best and no step came after it): then they need no second test."""
+        return self.best_state is not None and self.best_step == self.global_step
 
     def dev_is_stale(self) -> bool:
         """Whether training stepped after the latest dev evaluation, or none ran: training
@@ -247,6 +254,7 @@ class FineTuner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blurbtune"] = {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                                   "best_step": self.best_step,
                                    "best_state": self.best_state, "history": self.history,
                                    "best_dev": self.best_dev,
                                    "grad_stats": self.grad_stats.state_dict()
@@ -258,6 +266,7 @@ class FineTuner(pl.LightningModule):
         state = checkpoint.get("blurbtune", {})
         self.best_score = state.get("best_score", -math.inf)
         self.best_epoch = state.get("best_epoch", -1)
+        self.best_step = state.get("best_step", -1)
         self.best_state = state.get("best_state")
         self.history = state.get("history", [])
         self.best_dev = state.get("best_dev")

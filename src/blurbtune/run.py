@@ -323,11 +323,15 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     trainer.test(module, datamodule=dm, verbose=False)
     test_last = module.outputs["test"]
     dev_last = module.history[-1]["dev"] if module.history else math.nan
-    if module.best_state is not None:
-        module.model.load_state_dict(module.best_state)
-    console.label_test(trainer, "test (best-on-dev weights)")
-    trainer.test(module, datamodule=dm, verbose=False)
-    test_best = module.outputs["test"]
+    if module.best_is_last():  # the same weights: the same predictions
+        print("test (best-on-dev weights): the last epoch's weights, scored above")
+        test_best = test_last
+    else:
+        if module.best_state is not None:
+            module.model.load_state_dict(module.best_state)
+        console.label_test(trainer, "test (best-on-dev weights)")
+        trainer.test(module, datamodule=dm, verbose=False)
+        test_best = module.outputs["test"]
     dev_best = module.best_dev
     done["test"] = {"best": test_best["score"], "last": test_last["score"]}
 
