@@ -55,18 +55,19 @@ def make_stamp_callback() -> Any:
     """Lightning callback stamping a blurbtune run's first and other steps and its end."""
     import pytorch_lightning as pl
 
-    class Stamp(pl.Callback):
+    class Stamp(pl.Callback):  # one per run: its stamps carry the run's own id
         def __init__(self) -> None:
             self.last = 0.0
+            self.run = f"{os.getpid()}-{id(self)}"
 
         def on_train_batch_start(self, *a: Any) -> None:
             self.last = time.time()
 
         def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
-            _stamp("step", s=time.time() - self.last, n=trainer.global_step)
+            _stamp("step", s=time.time() - self.last, n=trainer.global_step, run=self.run)
 
         def on_test_end(self, *a: Any) -> None:
-            _stamp("test_end")
+            _stamp("test_end", run=self.run)
 
     return Stamp()
 
@@ -168,13 +169,12 @@ def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
                        env=_env(stamps, args.threads, args.code))
     wall = time.time() - t0
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
-    # Runs end with their second test (best weights); the next run starts there.
-    runs, current, start = [], [], t0
-    for e in events:
-        current.append(e)
-        if e["event"] == "test_end" and sum(x["event"] == "test_end" for x in current) == 2:
-            runs.append(_per_run(current, start, e["t"]))
-            current, start = [], e["t"]
+    # A run ends with its last test; the next run starts there.
+    runs, start = [], t0
+    for run in dict.fromkeys(e["run"] for e in events):
+        mine = [e for e in events if e["run"] == run]
+        runs.append(_per_run(mine, start, mine[-1]["t"]))
+        start = mine[-1]["t"]
     return {"wall_s": wall, "runs": runs}
 
 
