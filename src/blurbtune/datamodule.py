@@ -181,6 +181,7 @@ class BlurbDataModule(pl.LightningDataModule):
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
         self.from_cache: dict[str, bool] = {}
+        self.lengths: dict[str, list[int]] = {}  # token count of each row, per split
         self.train_sampler: EpochPermutation | None = None
         self._resume_skip = 0
 
@@ -203,9 +204,9 @@ class BlurbDataModule(pl.LightningDataModule):
             self.encoded[name], self.from_cache[name] = encode_split(
                 split, self.tokenizer, self.task, self.cache_dir, fingerprint)
         self.timing["tokenise_s"] = time.perf_counter() - t0
+        self.lengths = {name: _lengths(ds.with_format(None)) for name, ds in self.encoded.items()}
         self.group_by_length = resolve_group_by_length(
-            self.group_by_length_setting, _lengths(self.encoded["train"].with_format(None)),
-            self.batch_size, self.data_seed)
+            self.group_by_length_setting, self.lengths["train"], self.batch_size, self.data_seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -218,8 +219,8 @@ class BlurbDataModule(pl.LightningDataModule):
         if train:
             # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
             if self.group_by_length:
-                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed, _lengths(ds),
-                                                        self.batch_size)
+                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed,
+                                                        self.lengths[split], self.batch_size)
             else:
                 self.train_sampler = EpochPermutation(len(ds), self.data_seed)
             self.train_sampler.skip(self._resume_skip)
@@ -228,7 +229,7 @@ class BlurbDataModule(pl.LightningDataModule):
         else:
             # Longest first, so that each batch pads little; the rows carry example_idx and
             # are scored in input order whatever order they were computed in.
-            lengths = _lengths(ds)
+            lengths = self.lengths[split]
             sampler = sorted(range(len(ds)), key=lambda i: -lengths[i])
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, collate_fn=Collator(self.tokenizer, self.kind.head),

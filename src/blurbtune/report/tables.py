@@ -307,32 +307,32 @@ def write_summary(summary: pd.DataFrame, out_dir: Path, varying: Sequence[str] =
     return paths
 
 
+def _write_csv_and_md(frame: pd.DataFrame, out_dir: Path, stem: str,
+                      markdown: str) -> dict[str, Path]:
+    """`<stem>.csv` from the frame and `<stem>.md` from the given Markdown."""
+    paths = {f"{stem}.{ext}": Path(out_dir) / f"{stem}.{ext}" for ext in ("csv", "md")}
+    frame.to_csv(paths[f"{stem}.csv"], index=False)
+    paths[f"{stem}.md"].write_text(markdown, encoding="utf-8")
+    return paths
+
+
 def write_verdicts(verdicts: pd.DataFrame, out_dir: Path, varying: Sequence[str] = ()
                    ) -> dict[str, Path]:
     """verdict.csv (fractions, p-values, the word per test) and verdict.md."""
-    out_dir = Path(out_dir)
-    paths = {"verdict.csv": out_dir / "verdict.csv", "verdict.md": out_dir / "verdict.md"}
-    verdicts.to_csv(paths["verdict.csv"], index=False)
-    paths["verdict.md"].write_text(verdict_markdown(verdicts, varying), encoding="utf-8")
-    return paths
+    return _write_csv_and_md(verdicts, out_dir, "verdict", verdict_markdown(verdicts, varying))
 
 
 def write_paired(paired: pd.DataFrame, out_dir: Path, varying: Sequence[str] = ()
                  ) -> dict[str, Path]:
     """paired.csv (fractions) and paired.md (differences x100)."""
-    out_dir = Path(out_dir)
-    paths = {"paired.csv": out_dir / "paired.csv", "paired.md": out_dir / "paired.md"}
-    paired.to_csv(paths["paired.csv"], index=False)
     note = (
         f"Each stabilizer minus `{REFERENCE_STABILIZER}` on test (best dev checkpoint), over the "
         "seeds both completed; W/T/L = wins/ties/losses. Two-sided Wilcoxon signed-rank "
         "(zero differences dropped) and paired t-test. With n <= 5 pairs the Wilcoxon p "
         "cannot go below 0.06.\n"
     )
-    paths["paired.md"].write_text(
-        markdown_table(paired_display(paired, varying)) + "\n" + note, encoding="utf-8"
-    )
-    return paths
+    return _write_csv_and_md(paired, out_dir, "paired",
+                             markdown_table(paired_display(paired, varying)) + "\n" + note)
 
 
 def write_expected_max(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
