@@ -104,3 +104,18 @@ def test_determinism_flags_are_recorded_and_switch_off():
     assert on["torch.use_deterministic_algorithms"] is True
     assert on["cudnn.deterministic"] is True and on["cudnn.benchmark"] is False
     assert on["CUBLAS_WORKSPACE_CONFIG"]
+
+
+def test_test_every_epoch_records_test_scores_without_changing_the_run(tmp_path, cache):
+    """test_every_epoch adds each epoch's test score to the history and changes nothing else:
+    the last epoch's recorded test score is the one the run's final test pass gives."""
+    for name, flag in (("off", "false"), ("on", "true")):
+        run(tiny_config(tmp_path / name, cache, "trainer.max_epochs=3", "task=hoc",
+                        f"test_every_epoch={flag}"))
+    off, on = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("off", "on"))
+    assert [h.get("test") for h in off["history"]] == [None] * 3
+    tests = [h.pop("test") for h in on["history"]]
+    assert len(tests) == 3 and all(isinstance(t, float) for t in tests)
+    assert {k: on[k] for k in METRICS} == {k: off[k] for k in METRICS}
+    assert prediction_bytes(tmp_path / "on") == prediction_bytes(tmp_path / "off")
+    assert tests[-1] == on["test"]["last"]

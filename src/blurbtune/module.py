@@ -74,13 +74,14 @@ class FineTuner(pl.LightningModule):
 
     def __init__(self, model: torch.nn.Module, task: Any, param_groups: list[dict],
                  optimizer_factory: Callable, warmup_ratio: float,
-                 examples: Callable[[str], list[dict]]) -> None:
+                 examples: Callable[[str], list[dict]], test_every_epoch: bool = False) -> None:
         super().__init__()
         self.model, self.task = model, task
         self.kind = task_type(task.type)
         self.param_groups = param_groups
         self.optimizer_factory, self.warmup_ratio = optimizer_factory, warmup_ratio
         self.examples = examples
+        self.test_every_epoch = test_every_epoch  # score test after each dev evaluation too
         self._rows: dict[str, list] = {}
         self.best_score = -math.inf
         self.best_epoch = -1
@@ -207,12 +208,24 @@ class FineTuner(pl.LightningModule):
         self.log(f"dev/{self.task.metric}", out["score"], prog_bar=True)
         # Not current_epoch: after fit (see dev_is_stale) it has moved past the last epoch.
         epoch = self.trained_epoch
-        self.history.append(self._epoch_record(out["score"], epoch))
+        record = self._epoch_record(out["score"], epoch)
+        if self.test_every_epoch:
+            record["test"] = self._score_test_now()
+        self.history.append(record)
         if out["score"] > self.best_score:
             self.best_score, self.best_epoch = out["score"], epoch
             self.best_step = self.global_step
             self.best_state = best_weights(self.model)
             self.best_dev = out
+
+    def _score_test_now(self) -> float:
+        """The current weights' test score, for the record only (never used to select): the
+        test loader draws from its own generator, so training's random stream is untouched."""
+        loader = self.trainer.datamodule.test_dataloader()
+        with self.trainer.precision_plugin.test_step_context():
+            for batch in loader:
+                self._gather("test", self.transfer_batch_to_device(batch, self.device, 0))
+        return self.evaluate_rows("test")["score"]
 
     def best_is_last(self) -> bool:
         """Whether the best-on-dev weights are the model's current weights (the last

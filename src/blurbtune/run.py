@@ -297,7 +297,8 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
     seed_all(seeds["seed"])
     model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps it
     module = FineTuner(model, task, groups, instantiate(cfg.optimizer.optim),
-                       float(cfg.optimizer.warmup_ratio), dm.examples)
+                       float(cfg.optimizer.warmup_ratio), dm.examples,
+                       test_every_epoch=bool(cfg.get("test_every_epoch")))
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in NOT_TRAINER_ARGS}
     if cfg.trainer.get("compile"):
         compile_model(model)

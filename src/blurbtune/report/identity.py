@@ -53,6 +53,7 @@ NO_EFFECT = {
     "keep_checkpoints": "whether checkpoints are kept after the run",
     "dry_run": "a dry run trains nothing and writes no results",
     "rerun_diverged": "whether a rerun retrains a diverged run, not how a run trains",
+    "test_every_epoch": "a test score recorded after each epoch; never selects, draws nothing",
     "logger*": "where metrics are logged",
     "trainer.logger*": "where Lightning logs",
     "trainer.enable_progress_bar": "console display",
