@@ -152,6 +152,24 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
     return model
 
 
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """`save_model=true`: the model and tokenizer as `save_pretrained` folders, complete or
+    absent: written into a temporary folder beside `folder`, then renamed onto it."""
+    import shutil
+    import uuid
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def compile_model(model: PreTrainedModel) -> None:
     """`trainer.compile`: torch.compile the model's forward in place (`nn.Module.compile`, so
     its state_dict keys, checkpoints and saved folders stay as they are). Shapes are compiled

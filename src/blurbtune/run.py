@@ -25,10 +25,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from blurbtune import console, loggers, provenance, stabilizers, stopping, threads
 from blurbtune.datamodule import BlurbDataModule
-from blurbtune.errors import ConfigError, DivergedError
+from blurbtune.errors import DivergedError
 from blurbtune.io import read_json, write_json, write_jsonl, write_text_atomic
 from blurbtune.lock import LockHeld, RunLock
-from blurbtune.models import compile_model, load_model, load_tokenizer
+from blurbtune.models import compile_model, load_model, load_tokenizer, save_model
 from blurbtune.module import FineTuner, baseline
 from blurbtune.reproducibility import (
     enable_determinism,
@@ -38,6 +38,7 @@ from blurbtune.reproducibility import (
 )
 from blurbtune.resume import Resumable, last_checkpoint, remove_checkpoints
 from blurbtune.stabilizer_config import (  # noqa: F401  (stabilizer_knobs: re-exported)
+    apply_stabilizers,
     check_stabilizer,
     resolve,
     stabilizer_knobs,
@@ -45,30 +46,6 @@ from blurbtune.stabilizer_config import (  # noqa: F401  (stabilizer_knobs: re-e
 )
 
 log = logging.getLogger("blurbtune")
-
-def apply_stabilizers(model: torch.nn.Module, stab: Any, lr: float, weight_decay: float,
-                      init_seed: int) -> tuple[list[dict], list[str], list[str]]:
-    """Freeze, re-initialise and build (LLRD) optimizer groups as the config asks."""
-    check_stabilizer(stab)
-    stab = stab or {}
-    frozen: list[str] = []
-    reinit: list[str] = []
-    try:
-        if "freeze" in stab:
-            frozen = stabilizers.freeze_lower_layers(
-                model, int(stab["freeze"]["layers"]),
-                embeddings=bool(stab["freeze"].get("embeddings", True)))
-        if "reinit" in stab:
-            gen = torch.Generator().manual_seed(int(init_seed))
-            reinit = stabilizers.reinit_top_layers(
-                model, int(stab["reinit"]["layers"]),
-                pooler=bool(stab["reinit"].get("pooler", True)), generator=gen)
-        decay = float(stab["llrd"]["decay"]) if "llrd" in stab else 1.0
-        groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
-    except ValueError as e:  # the stabilizers name the key and the range expected
-        raise ConfigError(str(e)) from None
-    return groups, frozen, reinit
-
 
 def _output_dir(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
@@ -346,8 +323,7 @@ def _train(cfg: DictConfig, out: Path, seeds: dict, identity: dict, done: dict) 
                        test_best["preds"], test_last["preds"])
     if cfg.get("save_model"):
         done["stage"] = "saving the model"
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        save_model(model, tokenizer, out / "model")
 
     results = {
         "status": "completed", "error": None, **identity,

@@ -12,9 +12,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from blurbtune import stabilizers
 from blurbtune.errors import ConfigError
 from blurbtune.families import num_layers
 from blurbtune.models import package_path
@@ -101,3 +103,27 @@ def resolve(stab: Any, model: nn.Module, task_type: str, n_train: int) -> dict[s
         choice = str(rec)
     return {"stabilizer": stabilizer_name(sections), "stabilizer_knobs": stabilizer_knobs(sections),
             "stabilizer_choice": choice, "sections": sections}
+
+
+def apply_stabilizers(model: nn.Module, stab: Any, lr: float, weight_decay: float,
+                      init_seed: int) -> tuple[list[dict], list[str], list[str]]:
+    """Freeze, re-initialise and build (LLRD) optimizer groups as the config asks."""
+    check_stabilizer(stab)
+    stab = stab or {}
+    frozen: list[str] = []
+    reinit: list[str] = []
+    try:
+        if "freeze" in stab:
+            frozen = stabilizers.freeze_lower_layers(
+                model, int(stab["freeze"]["layers"]),
+                embeddings=bool(stab["freeze"].get("embeddings", True)))
+        if "reinit" in stab:
+            gen = torch.Generator().manual_seed(int(init_seed))
+            reinit = stabilizers.reinit_top_layers(
+                model, int(stab["reinit"]["layers"]),
+                pooler=bool(stab["reinit"].get("pooler", True)), generator=gen)
+        decay = float(stab["llrd"]["decay"]) if "llrd" in stab else 1.0
+        groups = stabilizers.layerwise_param_groups(model, lr, weight_decay, decay=decay)
+    except ValueError as e:  # the stabilizers name the key and the range expected
+        raise ConfigError(str(e)) from None
+    return groups, frozen, reinit
