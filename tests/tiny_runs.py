@@ -26,7 +26,7 @@ def tiny_config(run_dir: Path, cache: Path, *overrides: str, data_dir: Path = FI
     """The composed config of a small tiny-model run writing into `run_dir`."""
     return compose([
         "model=tiny", "task=biosses", f"data_dir={data_dir}", f"data.cache_dir={cache}",
-        f"+run_dir={run_dir}", "trainer.max_epochs=1", "task.batch_size=4",
+        f"+run_dir='{run_dir}'", "trainer.max_epochs=1", "task.batch_size=4",
         "data.max_train_examples=16", "data.max_eval_examples=8",
         "+trainer.enable_progress_bar=false",
         *overrides])

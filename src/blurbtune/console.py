@@ -91,6 +91,21 @@ def label_test(trainer: Any, label: str) -> None:
         bar.test_label = label
 
 
+def stack_summary(seeds: list[int], module: Any, metric: str) -> str:
+    """One line for a stack after its members' own lines: how many completed or diverged, and
+    the spread of their best dev scores."""
+    scores = sorted(m.best_score for m in module.members if m.diverged is None)
+    diverged = [str(s) for s, m in zip(seeds, module.members, strict=True)
+                if m.diverged is not None]
+    line = f"stack of {len(seeds)} (seeds {', '.join(map(str, seeds))}): {len(scores)} completed"
+    if diverged:
+        line += f", {len(diverged)} diverged (seed {', '.join(diverged)})"
+    if scores:
+        line += (f"; dev {metric} best min {scores[0]:.4f}, median "
+                 f"{scores[len(scores) // 2]:.4f}, max {scores[-1]:.4f}")
+    return line
+
+
 def epoch_label(epoch: int, max_epochs: int | None) -> str:
     """`epoch k/N`, 1-based, from Lightning's 0-based epoch (`epoch k` when N is open)."""
     total = f"/{max_epochs}" if max_epochs is not None and max_epochs > 0 else ""

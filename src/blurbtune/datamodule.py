@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -145,6 +145,61 @@ class Collator:
         return batch
 
 
+class StackedBatches(Sampler[list[int]]):
+    """The training batches of a stack: at each step, every member's own next batch (from its
+    own order, as its single run would take it), as one flat list of row indices, member 0's
+    rows first. `StackCollator` cuts it back into the members' batches."""
+
+    def __init__(self, orders: list[EpochPermutation], batch_size: int) -> None:
+        self.orders, self.batch_size = orders, batch_size
+        self.sampler = self  # where Lightning looks for set_epoch on a batch sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        for order in self.orders:
+            order.set_epoch(epoch)
+
+    def __iter__(self):
+        members = [list(order) for order in self.orders]
+        for start in range(0, len(members[0]), self.batch_size):
+            yield [i for rows in members for i in rows[start:start + self.batch_size]]
+
+    def __len__(self) -> int:
+        return -(-len(self.orders[0]) // self.batch_size)
+
+
+# Columns of a batch that run along the tokens, and what pads them (None: the tokenizer's pad
+# id); labels run along the tokens for token-level heads only.
+SEQUENCE_COLUMNS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
+
+
+class StackCollator:
+    """Collates each member's rows as its single run would (padded to that member's longest
+    row), then pads every member to one length (`stacking.stack_length`) and stacks them:
+    tensors of shape [members, batch, ...]."""
+
+    def __init__(self, collator: Collator, members: int, pad_id: int, head: str,
+                 avoid: set[int]) -> None:
+        self.collator, self.members, self.head, self.avoid = collator, members, head, avoid
+        self.pads = {**SEQUENCE_COLUMNS, "input_ids": pad_id}
+        if head == "token":
+            self.pads["labels"] = -100
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from blurbtune.stacking import stack_length
+
+        rows = len(features) // self.members
+        batches = [self.collator(features[k * rows:(k + 1) * rows]) for k in range(self.members)]
+        length = stack_length([b["input_ids"].shape[1] for b in batches], self.avoid | {rows})
+        out = {}
+        for key in batches[0]:
+            parts = [b[key] for b in batches]
+            if key in self.pads:
+                parts = [torch.nn.functional.pad(t, (0, length - t.shape[1]),
+                                                 value=self.pads[key]) for t in parts]
+            out[key] = torch.stack(parts)
+        return out
+
+
 def worker_context(num_workers: int) -> str | None:
     """Start method for DataLoader workers: the platform's own (None: torch's default).
 
@@ -163,7 +218,9 @@ class BlurbDataModule(pl.LightningDataModule):
                  eval_batch_size: int, cache_dir: str | None = None, num_workers: int = 0,
                  data_seed: int = 0, max_train_examples: int | None = None,
                  max_eval_examples: int | None = None,
-                 group_by_length: bool | str = "auto") -> None:
+                 group_by_length: bool | str = "auto",
+                 stack_data_seeds: list[int] | None = None,
+                 avoid_lengths: set[int] | None = None) -> None:
         super().__init__()
         self.task, self.tokenizer, self.data_dir = task, tokenizer, data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -177,6 +234,10 @@ class BlurbDataModule(pl.LightningDataModule):
                               "false or auto")
         self.group_by_length_setting = group_by_length
         self.group_by_length: bool | None = None  # resolved by prepare(), from the lengths
+        # A stack: each member's data_seed, and what group_by_length resolved to for each.
+        self.stack_data_seeds = list(stack_data_seeds) if stack_data_seeds else None
+        self.stack_grouping: list[bool] = []
+        self.avoid_lengths = set(avoid_lengths or ())
         self.splits: dict[str, Split] = {}
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
@@ -207,6 +268,10 @@ class BlurbDataModule(pl.LightningDataModule):
         self.lengths = {name: _lengths(ds.with_format(None)) for name, ds in self.encoded.items()}
         self.group_by_length = resolve_group_by_length(
             self.group_by_length_setting, self.lengths["train"], self.batch_size, self.data_seed)
+        self.stack_grouping = [
+            resolve_group_by_length(self.group_by_length_setting, self.lengths["train"],
+                                    self.batch_size, seed)
+            for seed in self.stack_data_seeds or ()]
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -214,16 +279,33 @@ class BlurbDataModule(pl.LightningDataModule):
     def examples(self, split: str) -> list[dict]:
         return self.splits[split].examples
 
+    def _order(self, seed: int, grouped: bool) -> EpochPermutation:
+        """A member's training order: a function of (data_seed, epoch) only, so a resumed
+        epoch replays it exactly."""
+        n = len(self.encoded["train"])
+        order = (LengthGroupedOrder(n, seed, self.lengths["train"], self.batch_size) if grouped
+                 else EpochPermutation(n, seed))
+        order.skip(self._resume_skip)
+        return order
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.encoded[split].with_format(None)
+        if train and self.stack_data_seeds:
+            orders = [self._order(seed, grouped) for seed, grouped
+                      in zip(self.stack_data_seeds, self.stack_grouping, strict=True)]
+            self._resume_skip = 0
+            self.train_sampler = StackedBatches(orders, self.batch_size)
+            collate = StackCollator(Collator(self.tokenizer, self.kind.head), len(orders),
+                                    self.tokenizer.pad_token_id or 0, self.kind.head,
+                                    self.avoid_lengths)
+            return DataLoader(ds, batch_sampler=self.train_sampler, collate_fn=collate,
+                              num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0,
+                              worker_init_fn=seed_worker,
+                              generator=torch.Generator().manual_seed(int(self.data_seed)),
+                              multiprocessing_context=worker_context(self.num_workers))
         if train:
-            # Order depends on (data_seed, epoch) only, so a resumed epoch replays it exactly.
-            if self.group_by_length:
-                self.train_sampler = LengthGroupedOrder(len(ds), self.data_seed,
-                                                        self.lengths[split], self.batch_size)
-            else:
-                self.train_sampler = EpochPermutation(len(ds), self.data_seed)
-            self.train_sampler.skip(self._resume_skip)
+            self.train_sampler = self._order(self.data_seed, bool(self.group_by_length))
             self._resume_skip = 0
             sampler = self.train_sampler
         else:

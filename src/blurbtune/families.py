@@ -56,6 +56,9 @@ class Family:
     model, not the base model: a pretrained module outside the base model that sits between
     the encoder and the classifier and so plays the pooler's part (ModernBERT's ``head``).
     ``init`` gives the distribution a re-initialised module's weight is drawn from.
+    ``stack_mask`` is the attention-mask form the family takes when its seeds are stacked
+    (``blurbtune.stacking``: ``additive``, the 4-D mask; ``2d``, the padding mask as it is);
+    None when it cannot be stacked, ``stack_note`` saying why.
     """
 
     embeddings: tuple[str, ...]
@@ -64,6 +67,8 @@ class Family:
     after_layers: tuple[str, ...] = ()
     head_pooler: str | None = None
     init: Callable[[Any, str], Init] = field(default=normal_init)
+    stack_mask: str | None = "additive"
+    stack_note: str = ""
 
 
 _BERT_LIKE = Family(embeddings=("embeddings",), layers="encoder.layer", pooler="pooler")

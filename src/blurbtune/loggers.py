@@ -9,6 +9,7 @@ and a sweep's runs are grouped under the sweep's name (set in conf/logger/*.yaml
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,11 +22,14 @@ RUN_FOLDER_ARGS = ("save_dir",)
 RUN_NAME_ARGS = ("run_name", "name")
 
 
-def build(cfg: DictConfig, out: Path) -> list[Any]:
-    """The loggers of `cfg.logger`, writing into (or named after) the run folder `out`."""
+def build(cfg: DictConfig, out: Path, finish_open: bool = True) -> list[Any]:
+    """The loggers of `cfg.logger`, writing into (or named after) the run folder `out`.
+    `finish_open`: end a W&B run a failed run of this process left open (not for the second
+    and later members of a stack, whose first member's run is open on purpose)."""
     from hydra.utils import get_class, instantiate
 
-    _finish_wandb_run()  # a previous run of this process (a sweep) that failed left one open
+    if finish_open:
+        _finish_wandb_run()
     loggers = []
     for key, spec in (cfg.get("logger") or {}).items():
         if spec is None:
@@ -53,6 +57,55 @@ def build(cfg: DictConfig, out: Path) -> list[Any]:
         if key == "csv":
             _open_csv(logger)
     return loggers
+
+
+def for_member(logger: Any, k: int) -> Any:
+    """`logger` seeing only member k's metrics of a stack (logged as `m<k>/<name>`, passed on
+    as `<name>`, so its files read as a single run's); metrics of no member pass unchanged."""
+    from pytorch_lightning.loggers.logger import Logger
+
+    prefix = f"m{k}/"
+
+    class MemberLogger(Logger):
+        @property
+        def name(self) -> Any:
+            return logger.name
+
+        @property
+        def version(self) -> Any:
+            return logger.version
+
+        @property
+        def save_dir(self) -> Any:
+            return logger.save_dir
+
+        @property
+        def log_dir(self) -> Any:
+            return getattr(logger, "log_dir", None)
+
+        @property
+        def experiment(self) -> Any:
+            return logger.experiment
+
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            own = {key.removeprefix(prefix): value for key, value in metrics.items()
+                   if key.startswith(prefix) or not MEMBER_KEY.match(key)}
+            if own:
+                logger.log_metrics(own, step)
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            logger.log_hyperparams(params, *args, **kwargs)
+
+        def save(self) -> None:
+            logger.save()
+
+        def finalize(self, status: str) -> None:
+            logger.finalize(status)
+
+    return MemberLogger()
+
+
+MEMBER_KEY = re.compile(r"m\d+/")
 
 
 def _open_csv(logger: Any) -> None:
@@ -101,6 +154,13 @@ def log_final(loggers: list[Any], results: dict, step: int, params: dict) -> Non
         logger.save()
         logger.finalize("success")
     _finish_wandb_run()
+
+
+def finish(loggers: list[Any]) -> None:
+    """Close the loggers of a run that ends without final scores (a diverged stack member)."""
+    for logger in loggers:
+        logger.save()
+        logger.finalize("failed")
 
 
 def _finish_wandb_run() -> None:

@@ -54,6 +54,7 @@ NO_EFFECT = {
     "dry_run": "a dry run trains nothing and writes no results",
     "rerun_diverged": "whether a rerun retrains a diverged run, not how a run trains",
     "test_every_epoch": "a test score recorded after each epoch; never selects, draws nothing",
+    "stack": "which seeds share a process; each member is recorded as its own single run",
     "logger*": "where metrics are logged",
     "trainer.logger*": "where Lightning logs",
     "trainer.enable_progress_bar": "console display",
@@ -127,7 +128,6 @@ def resolved_config(path: Path) -> dict[str, Any]:
     Raises ValueError saying why the file is unusable.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -135,6 +135,15 @@ def resolved_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path.name}: {exc}".splitlines()[0]) from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path.name}: expected a mapping, got {type(raw).__name__}")
+    return resolved_mapping(raw)
+
+
+def resolved_mapping(raw: dict[str, Any]) -> dict[str, Any]:
+    """An unresolved config (as `.hydra/config.yaml` holds it) as dotted keys, interpolations
+    between keys resolved and resolver calls kept as written."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     config = OmegaConf.create(_keep_resolver_calls(raw))
     try:
         return flatten(OmegaConf.to_container(config, resolve=True))

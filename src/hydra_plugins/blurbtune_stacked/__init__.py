@@ -1,0 +1,1 @@
+"""blurbtune's Hydra plugins: the `stacked` sweeper (hydra/sweeper=stacked)."""
