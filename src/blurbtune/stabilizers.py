@@ -6,7 +6,9 @@ Freezing the lower layers, re-initialising the top layers and layerwise learning
 are found through :mod:`blurbtune.families`.
 
 Typical order: ``reinit_top_layers`` -> ``freeze_lower_layers`` -> ``layerwise_param_groups``
--> build the optimizer from the groups.
+-> build the optimizer from the groups. The parameter-efficient ones (LoRA, BitFit), which
+choose what trains, are in :mod:`blurbtune.adapters`; these functions place their adapters by
+layer like any other parameter.
 """
 
 from __future__ import annotations
