@@ -2,7 +2,8 @@
 
 Counts are worked out by hand for the tiny model (conf/model/tiny.yaml: BERT, hidden 32, 4
 layers, intermediate 64, 512 positions, the 6000-token tiny vocabulary; BIOSSES: one output).
-Layers of adapter tensors come from the regular expressions of test_stabilizers.
+Layers of adapter tensors come from the regular expressions of test_stabilizers, and the
+export is checked with transformers' and peft's own loaders.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import pytest
 import torch
 from omegaconf import OmegaConf
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from test_stabilizers import (
     CONFIGS,
     FAMILY_HEADS,
@@ -26,10 +27,17 @@ from test_stabilizers import (
 )
 from tiny_runs import needs_fixtures, prediction_bytes, tiny_config
 from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    pipeline,
+)
 
 from blurbtune.adapters import (
     adapter_params,
     add_lora,
+    as_peft_model,
     bitfit,
     has_lora,
     lora_targets,
@@ -37,7 +45,7 @@ from blurbtune.adapters import (
 from blurbtune.config import compose
 from blurbtune.diagnostics import grad_norms, part_params
 from blurbtune.errors import ConfigError
-from blurbtune.models import load_model, load_tokenizer
+from blurbtune.models import load_model, load_tokenizer, save_model
 from blurbtune.recommend import recommend
 from blurbtune.report.collect import flatten
 from blurbtune.run import run
@@ -321,6 +329,65 @@ def test_gradient_norms_show_the_adapters_by_layer() -> None:
     assert norms.shape == (L + 2,) and torch.isfinite(norms).all()
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+def trained_lora_model(family: str, head: str) -> tuple[nn.Module, nn.Module]:
+    """(a model with LoRA trained a few steps, a copy of its base before the adapters)."""
+    model = make(family, head)
+    base = copy.deepcopy(model)
+    add_lora(model, seed=0)
+    optimizer = torch.optim.AdamW(layerwise_param_groups(model, 1e-2, 0.0))
+    model.train()
+    torch.manual_seed(2)
+    for _ in range(3):
+        model(**random_batch(head)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), base
+
+
+@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("bert", "tok"),
+                                              ("deberta-v2", "seq"), ("distilbert", "seq"),
+                                              ("modernbert", "seq")])
+def test_export_merged_model_and_adapter_give_the_trained_logits(family, head, tmp_path) -> None:
+    model, base = trained_lora_model(family, head)
+    auto = AutoModelForSequenceClassification if head == "seq" else AutoModelForTokenClassification
+    tokenizer = AutoTokenizer.from_pretrained(compose(["model=tiny"]).model.tokenizer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {k: v for k, v in random_batch(head).items() if k != "labels"}
+    with torch.no_grad():
+        trained = model(**batch).logits
+
+    save_model(model, tokenizer, tmp_path / "model")
+    assert has_lora(model) and model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # unchanged
+
+    folder = tmp_path / "model"
+    assert not (folder / "adapter_config.json").exists()  # a plain transformers folder
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (folder / "adapter").iterdir()}
+    merged = auto.from_pretrained(folder).eval()
+    assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
+    base.save_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(auto.from_pretrained(tmp_path / "base"),
+                                       folder / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trained, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(**batch).logits, trained, rtol=0, atol=0)
+    saved = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == R and saved["lora_alpha"] == 16
+    assert set(saved["modules_to_save"]) >= {"classifier"}
+
+
+def test_as_peft_model_is_a_copy() -> None:
+    model, _ = trained_lora_model("bert", "seq")
+    wrapped = as_peft_model(model)
+    for name, param in adapter_params(model).items():
+        copied = wrapped.get_parameter("base_model.model." + name)
+        assert copied is not param and torch.equal(copied, param)
+
+
 # --- runs --------------------------------------------------------------------------------------
 
 
@@ -350,8 +417,8 @@ def test_dry_run_table_shows_adapters_training_and_the_base_frozen(tmp_path, cac
 
 
 @needs_fixtures
-def test_a_lora_run_records_knobs_and_diagnostics(tmp_path, cache):
-    run(tiny_config(tmp_path, cache, "stabilizer=lora"))
+def test_a_lora_run_records_knobs_diagnostics_and_saves_both_forms(tmp_path, cache):
+    run(tiny_config(tmp_path, cache, "stabilizer=lora", "save_model=true"))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed", results.get("error")
     assert results["stabilizer"] == "lora"
@@ -361,6 +428,15 @@ def test_a_lora_run_records_knobs_and_diagnostics(tmp_path, cache):
     norms = results["diagnostics"]["grad_norm"]["whole"]
     assert set(norms) == {"layer.0", "layer.1", "layer.2", "layer.3", "head", "total"}
     assert all(norms[f"layer.{i}"] > 0 for i in range(4))
+    folder = tmp_path / "model"
+    scorer = pipeline("text-classification", model=str(folder), function_to_apply="none")
+    merged = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "aspirin inhibits platelet aggregation"
+    with torch.no_grad():
+        logit = merged(**tokenizer(text, return_tensors="pt")).logits.item()
+    assert scorer(text)[0]["score"] == pytest.approx(logit, abs=1e-6)
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @needs_fixtures

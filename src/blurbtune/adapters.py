@@ -17,11 +17,15 @@ layer of the module it adapts. What that changes: the adapted modules' state_dic
 (``query.weight`` becomes ``query.base_layer.weight``, beside ``query.lora_A.default.weight``
 and ``query.lora_B.default.weight``), so a checkpoint of such a model loads only into a model
 given the same adapters (to resume, call :func:`add_lora` again before loading).
+:func:`as_peft_model` turns a trained model into peft's own ``PeftModel`` (a copy), to save the
+adapter in peft's format and to merge it into a plain transformers model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -167,3 +171,61 @@ def bitfit(model: nn.Module) -> list[str]:
     for name, param in named:
         param.requires_grad_(name in biases or _is_head(name, parts))
     return [name for name, param in named if not param.requires_grad]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def as_peft_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (adapters from :func:`add_lora`) as peft's ``PeftModel``: the frozen
+    base, the trained adapters, and the task head as peft's ``modules_to_save``. ``model`` is
+    not changed (its adapters are neither merged nor moved).
+
+    ``save_pretrained(folder)`` on it writes the adapter in peft's format (loaded back with
+    ``PeftModel.from_pretrained(base, folder)``); ``merge_and_unload()`` gives the plain
+    transformers model with the adapters merged into its weights.
+
+    Example::
+
+        peft_model = as_peft_model(model)
+        peft_model.save_pretrained("out/adapter")
+        peft_model.merge_and_unload().save_pretrained("out")
+    """
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    trained = adapter_params(model)
+    if not trained:
+        raise ValueError("this model holds no LoRA adapters")
+    parts = encoder_parts(model)
+    config = copy.deepcopy(model.peft_config[ADAPTER])
+    config.modules_to_save = list(parts.head_prefixes)
+    config.task_type = _task_type(model)
+    base = copy.deepcopy(model)
+    del base.peft_config
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.get_base_layer())
+    with seeded(base, 0), warnings.catch_warnings():
+        # seeded: the fresh adapters are overwritten below, and the global state stays as it
+        # was; peft asks transformers 5 for a property it deprecates (no news to a user).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        wrapped = get_peft_model(base, config, adapter_name=ADAPTER)
+    prefix = "base_model.model."
+    fresh = {name.removeprefix(prefix): param
+             for name, param in adapter_params(wrapped).items()}
+    if fresh.keys() != trained.keys():
+        raise RuntimeError(f"peft built other adapters than the model holds: "
+                           f"{sorted(fresh.keys() ^ trained.keys())[:4]}")
+    with torch.no_grad():
+        for name, param in fresh.items():
+            param.copy_(trained[name])
+    return wrapped
