@@ -20,10 +20,10 @@ SUMMARY = re.compile(r"^biosses / tiny / none / seed 0: "
 # Every line a plain run may leave on the console.
 ALLOWED = (
     re.compile(r"^Tokenising biosses/(train|dev|test):"),      # the tokenising bar of a split
-    re.compile(r"^group +parameters +lr +weight_decay +frozen +reinit$"),  # the param table
+    re.compile(r"^group +parameters +trainable +lr +weight_decay +frozen +reinit$"),  # the table
     re.compile(r"^-+$"),
-    re.compile(r"^(embeddings|layer\.\d+|pooler|head) +[\d,]+ +\d\.\d{3}e-\d\d +[\d.]+"),
-    re.compile(r"^total +[\d,]+ +\([\d,]+ in parts that train\)$"),
+    re.compile(r"^(embeddings|layer\.\d+|pooler|head) +[\d,]+ +[\d,]+ +\d\.\d{3}e-\d\d +[\d.]+"),
+    re.compile(r"^total +[\d,]+ +[\d,]+ +\([\d.]+% of the parameters train\)$"),
     re.compile(r"^epoch [12]/2: "),                              # one bar per epoch, 1-based
     re.compile(r"^dev: "),                                       # the dev evaluation inside it
     re.compile(r"^test \(last epoch\): "),

@@ -107,7 +107,7 @@ def test_registry_is_what_the_yaml_files_say() -> None:
         for section, knobs in (yaml.safe_load(path.read_text()) or {}).items():
             expected[section] = (path.stem, knobs)
     assert {k: (s.name, s.defaults) for k, s in registry().items()} == expected
-    assert set(expected) == {"freeze", "llrd", "reinit", "recommended"}
+    assert set(expected) == {"freeze", "llrd", "reinit", "recommended", "lora", "bitfit"}
 
 
 def test_recommended_does_not_combine_with_another_stabilizer() -> None:

@@ -530,6 +530,7 @@ def test_describe_param_groups_for_a_frozen_llrd_model() -> None:
         assert by_group[group] == {
             "group": group,
             "parameters": sizes[group],
+            "trainable": 0,
             "lr": None,
             "weight_decay": None,
             "frozen": True,
@@ -541,11 +542,13 @@ def test_describe_param_groups_for_a_frozen_llrd_model() -> None:
     for group in ("layer.2", "layer.3", "pooler", "head"):
         assert by_group[group]["weight_decay"] == 0.01
         assert by_group[group]["frozen"] is False
+        assert by_group[group]["trainable"] == sizes[group]
     assert [r["group"] for r in rows if r["reinitialised"]] == ["layer.3", "pooler"]
 
     table = format_param_table(rows)
     lines = table.splitlines()
-    assert lines[0].split() == ["group", "parameters", "lr", "weight_decay", "frozen", "reinit"]
+    assert lines[0].split() == ["group", "parameters", "trainable", "lr", "weight_decay",
+                                "frozen", "reinit"]
     assert len({len(line) for line in lines[:2]}) == 1
     assert any(line.startswith("layer.3") and "9.000e-05" in line for line in lines)
     assert lines[-1].startswith("total")

@@ -56,6 +56,9 @@ class Family:
     model, not the base model: a pretrained module outside the base model that sits between
     the encoder and the classifier and so plays the pooler's part (ModernBERT's ``head``).
     ``init`` gives the distribution a re-initialised module's weight is drawn from.
+    ``lora_targets`` are the names (last path component) of the Linear modules inside each
+    layer that ``stabilizer=lora`` adapts: the attention query and value projections (Hu et
+    al. 2021), or the fused query/key/value projection where the family has one.
     ``stack_mask`` is the attention-mask form the family takes when its seeds are stacked
     (``blurbtune.stacking``: ``additive``, the 4-D mask; ``2d``, the padding mask as it is);
     None when it cannot be stacked, ``stack_note`` saying why.
@@ -67,6 +70,7 @@ class Family:
     after_layers: tuple[str, ...] = ()
     head_pooler: str | None = None
     init: Callable[[Any, str], Init] = field(default=normal_init)
+    lora_targets: tuple[str, ...] = ("query", "value")
     stack_mask: str | None = "additive"
     stack_note: str = ""
 
@@ -85,19 +89,23 @@ FAMILIES: dict[str, Family] = {
     "deberta-v2": Family(
         embeddings=("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm", "encoder.conv"),
         layers="encoder.layer",
+        lora_targets=("query_proj", "value_proj"),
     ),
-    "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer"),
+    "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer",
+                         lora_targets=("q_lin", "v_lin")),
     # ModernBERT is pre-norm: each layer normalises its input, and final_norm normalises the top
     # layer's output, the part BERT's top layer does with its own output LayerNorm, so it goes
     # with the top layer. The task model's head (dense + norm) is loaded from the pretrained
     # masked-LM checkpoint and feeds the classifier, as BERT's pretrained pooler does: it is
     # the pooler here (full lr, never frozen, re-initialised with stabilizer.reinit.pooler).
+    # Its attention has one fused query/key/value projection, Wqkv: LoRA adapts that.
     "modernbert": Family(
         embeddings=("embeddings",),
         layers="layers",
         after_layers=("final_norm",),
         head_pooler="head",
         init=modernbert_init,
+        lora_targets=("Wqkv",),
     ),
 }
 
@@ -137,14 +145,30 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, found in model.named_modules() if found is module)
+
+
+def _task_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """The transformers model in ``model`` and its name prefix: ``("", model)``, or for a peft
+    ``PeftModel`` the model it wraps (``base_model.model``). Adapters injected in place
+    (blurbtune's LoRA) leave the model itself as the transformers model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else model
+    return ("", model) if inner is model else (_name_of(model, inner), inner)
+
+
 def encoder_parts(model: nn.Module) -> EncoderParts:
     """Find the embeddings, encoder layers, pooler and task head of ``model``.
 
     Works for a bare base model (``AutoModel``) and for any ``AutoModelFor*`` head model of
-    a family in ``FAMILIES``. Assumes the base model is reachable as ``model.base_model``
-    (transformers' ``base_model_prefix``) and raises ``ValueError`` for an unknown
-    ``model_type`` or for base-model parameters the family map does not place, so a new
-    architecture cannot silently land in the wrong learning-rate group.
+    a family in ``FAMILIES``, also with LoRA adapters in it (injected in place, or wrapped in
+    a peft ``PeftModel``: names then start with ``base_model.model.``): an adapter's tensors
+    belong to the module it adapts, so the adapters of layer 3's query are in layer 3.
+    Assumes the base model is reachable as ``model.base_model`` (transformers'
+    ``base_model_prefix``) and raises ``ValueError`` for an unknown ``model_type`` or for
+    base-model parameters the family map does not place, so a new architecture cannot
+    silently land in the wrong learning-rate group.
 
     Example::
 
@@ -152,8 +176,9 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
         # parts.layers[-1][0] == "bert.encoder.layer.11", parts.head_prefixes == ["classifier"]
     """
     family_name, family = _family_of(model)
-    base = getattr(model, "base_model", model)
-    base_prefix = next(name for name, module in model.named_modules() if module is base)
+    task_prefix, task_model = _task_model(model)
+    base = getattr(task_model, "base_model", task_model)
+    base_prefix = _join(task_prefix, _name_of(task_model, base))
 
     def optional(path: str) -> tuple[str, nn.Module] | None:
         try:
@@ -168,9 +193,10 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
     layers = [(f"{layers_prefix}.{i}", layer) for i, layer in enumerate(layer_list)]
     after_layers = [found for path in family.after_layers if (found := optional(path))]
     pooler = optional(family.pooler) if family.pooler else None
-    if family.head_pooler and base is not model:
+    if family.head_pooler and base is not task_model:
         try:
-            pooler = (family.head_pooler, model.get_submodule(family.head_pooler))
+            pooler = (_join(task_prefix, family.head_pooler),
+                      task_model.get_submodule(family.head_pooler))
         except AttributeError:
             pooler = None
 
@@ -180,12 +206,14 @@ def encoder_parts(model: nn.Module) -> EncoderParts:
     for name, _ in model.named_parameters():
         if any(_under(name, prefix) for prefix in placed + head_prefixes):
             continue
-        if base_prefix == "" or _under(name, base_prefix):
+        inside = not task_prefix or _under(name, task_prefix)
+        if base is task_model or _under(name, base_prefix) or not inside:
             raise ValueError(
                 f"parameter {name!r} of a {family_name!r} model is in no embeddings/layer/pooler "
                 "entry of blurbtune.families.FAMILIES; add its module there"
             )
-        head_prefixes.append(name.split(".")[0])
+        relative = name[len(task_prefix) + 1:] if task_prefix else name
+        head_prefixes.append(_join(task_prefix, relative.split(".")[0]))
     return EncoderParts(family_name, embeddings, layers, pooler, head_prefixes, after_layers)
 
 

@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from blurbtune import hub
+from blurbtune import adapters, hub
 from blurbtune.errors import ConfigError
 from blurbtune.load_report import quiet_load, show_if_encoder
 from blurbtune.paths import minilm_path, package_path  # noqa: F401  (re-exported)
@@ -152,16 +152,31 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
     return model
 
 
+ADAPTER_FOLDER = "adapter"  # save_model: where a LoRA model's adapter goes, inside `folder`
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """`save_model=true`: the model and tokenizer as `save_pretrained` folders, complete or
-    absent: written into a temporary folder beside `folder`, then renamed onto it."""
+    absent: written into a temporary folder beside `folder`, then renamed onto it.
+
+    A model with LoRA adapters (`stabilizer=lora`) is saved twice: `folder` holds a plain
+    transformers model with the adapters merged into its weights (what `transformers.pipeline`
+    and `AutoModelFor*.from_pretrained` load), and `folder/adapter/` the adapter alone, with
+    the trained head, in peft's format (`PeftModel.from_pretrained(base, folder/"adapter")`).
+    Both come from a copy: the model itself keeps its adapters unmerged."""
     import shutil
     import uuid
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        model.save_pretrained(tmp)
+        if adapters.has_lora(model):
+            peft_model = adapters.as_peft_model(model)
+            peft_model.save_pretrained(tmp / ADAPTER_FOLDER)
+            peft_model.merge_and_unload().save_pretrained(tmp)
+            del peft_model
+        else:
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)

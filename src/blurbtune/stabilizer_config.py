@@ -2,7 +2,8 @@
 
 What stabilizers exist, their section key and their knobs with defaults are read from the
 config group itself (`conf/stabilizer/<name>.yaml`, each holding one section, e.g.
-`llrd: {decay: 0.9}`), so a stabilizer and its knobs are declared in one place.
+`llrd: {decay: 0.9}`), so a stabilizer and its knobs are declared in one place. Which of
+them do not compose, and why, is the table `REFUSED` below.
 """
 
 from __future__ import annotations
@@ -16,13 +17,28 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from blurbtune import stabilizers
+from blurbtune import adapters, stabilizers
 from blurbtune.errors import ConfigError
 from blurbtune.families import num_layers
 from blurbtune.models import package_path
 from blurbtune.recommend import recommend
 
 RECOMMENDED = "recommended"
+
+# Stabilizers that do not compose, by section, and why. LoRA and BitFit choose which weights
+# train; llrd composes with them (the adapters or biases of layer l get layer l's lr).
+REFUSED: dict[frozenset[str], str] = {
+    frozenset({"lora", "freeze"}): "lora already freezes every pretrained weight (only the "
+    "adapters and the head train), so freeze_lower is redundant",
+    frozenset({"bitfit", "freeze"}): "bitfit already freezes every weight except the biases "
+    "and the head, so freeze_lower is redundant",
+    frozenset({"lora", "reinit"}): "reinit_top re-draws the top layers to train them afresh "
+    "and lora freezes every pretrained weight, so they would stay random",
+    frozenset({"bitfit", "reinit"}): "reinit_top re-draws the top layers to train them afresh "
+    "and bitfit trains only their biases, so their weights would stay random",
+    frozenset({"lora", "bitfit"}): "both choose which weights train (adapters or biases); "
+    "use one",
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,10 @@ def check_stabilizer(stab: Any) -> None:
         others = sorted(set(stab) - {RECOMMENDED})
         raise ConfigError(f"stabilizer=recommended chooses the stabilizer itself; it does not "
                           f"combine with stabilizer.{', stabilizer.'.join(others)}")
+    for pair, why in REFUSED.items():
+        if stab and pair <= set(stab):
+            names = sorted(known[section].name for section in pair)
+            raise ConfigError(f"stabilizer=[{','.join(names)}] is refused: {why}")
 
 
 def resolve(stab: Any, model: nn.Module, task_type: str, n_train: int) -> dict[str, Any]:
@@ -107,12 +127,21 @@ def resolve(stab: Any, model: nn.Module, task_type: str, n_train: int) -> dict[s
 
 def apply_stabilizers(model: nn.Module, stab: Any, lr: float, weight_decay: float,
                       init_seed: int) -> tuple[list[dict], list[str], list[str]]:
-    """Freeze, re-initialise and build (LLRD) optimizer groups as the config asks."""
+    """Freeze, re-initialise, add LoRA adapters or keep only the biases trainable (BitFit), and
+    build the (LLRD) optimizer groups, as the config asks; `model` is changed in place (LoRA's
+    adapters go into it), and its adapters are drawn from `init_seed` alone. Returns the
+    groups, the frozen and the re-initialised parameter names."""
     check_stabilizer(stab)
     stab = stab or {}
     frozen: list[str] = []
     reinit: list[str] = []
     try:
+        if "lora" in stab:
+            knobs = {**registry()["lora"].defaults, **(stab["lora"] or {})}
+            frozen = adapters.add_lora(model, r=knobs["r"], alpha=knobs["alpha"],
+                                       dropout=knobs["dropout"], seed=int(init_seed))
+        if "bitfit" in stab:
+            frozen = adapters.bitfit(model)
         if "freeze" in stab:
             frozen = stabilizers.freeze_lower_layers(
                 model, int(stab["freeze"]["layers"]),

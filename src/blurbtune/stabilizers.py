@@ -6,7 +6,9 @@ Freezing the lower layers, re-initialising the top layers and layerwise learning
 are found through :mod:`blurbtune.families`.
 
 Typical order: ``reinit_top_layers`` -> ``freeze_lower_layers`` -> ``layerwise_param_groups``
--> build the optimizer from the groups.
+-> build the optimizer from the groups. The parameter-efficient ones (LoRA, BitFit), which
+choose what trains, are in :mod:`blurbtune.adapters`; these functions place their adapters by
+layer like any other parameter.
 """
 
 from __future__ import annotations
@@ -270,11 +272,13 @@ def describe_param_groups(
 ) -> list[dict]:
     """One row per part (embeddings, layer.0 .. layer.L-1, pooler, head) for a dry-run table.
 
-    Each row: ``group``, ``parameters`` (number of scalars), ``lr`` and ``weight_decay`` (None
-    when no optimizer group holds the part's tensors, as for a frozen part), ``frozen`` (every
-    tensor frozen) and ``reinitialised`` (any tensor re-initialised). Groups are matched to
-    parts by tensor identity, so it also describes groups built elsewhere, provided each part
-    has one learning rate (else ``ValueError``).
+    Each row: ``group``, ``parameters`` (number of scalars), ``trainable`` (the scalars an
+    optimizer group holds: a LoRA layer's adapters, BitFit's biases, all of a part that trains
+    whole, none of a frozen one), ``lr`` and ``weight_decay`` (None when no optimizer group
+    holds the part's tensors, as for a frozen part), ``frozen`` (every tensor frozen) and
+    ``reinitialised`` (any tensor re-initialised). Groups are matched to parts by tensor
+    identity, so it also describes groups built elsewhere, provided each part has one learning
+    rate (else ``ValueError``).
 
     Example::
 
@@ -304,6 +308,7 @@ def describe_param_groups(
             {
                 "group": label,
                 "parameters": sum(p.numel() for _, p in params),
+                "trainable": sum(p.numel() for _, p in params if id(p) in group_of),
                 "lr": lrs.pop() if lrs else None,
                 "weight_decay": max(decays) if used and None not in decays else None,
                 "frozen": all(name in frozen_set or not p.requires_grad for name, p in params),
@@ -314,29 +319,36 @@ def describe_param_groups(
 
 
 def format_param_table(rows: Sequence[dict]) -> str:
-    """Fixed-width text table of :func:`describe_param_groups` rows, with a total line.
+    """Fixed-width text table of :func:`describe_param_groups` rows, with a total line. The
+    ``frozen`` column says ``yes`` for a part with every tensor frozen and ``part`` for one
+    that trains only some of its tensors (a LoRA layer: adapters train, the base is frozen).
 
     Example::
 
         print(format_param_table(rows))
-        # group           parameters         lr  weight_decay  frozen  reinit
+        # group           parameters   trainable         lr  weight_decay  frozen  reinit
         # ...
-        # layer.3              8,544  1.800e-05          0.01          yes
+        # layer.3              8,544       8,544  1.800e-05          0.01          yes
     """
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    header = f"{'group':<12}{'parameters':>14}{'lr':>11}{'weight_decay':>14}  frozen  reinit"
+    def frozen(row: dict) -> str:
+        return "yes" if row["frozen"] else "part" if row["trainable"] < row["parameters"] else ""
+
+    header = (f"{'group':<12}{'parameters':>14}{'trainable':>12}{'lr':>11}{'weight_decay':>14}"
+              "  frozen  reinit")
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['group']:<12}{row['parameters']:>14,}{number(row['lr'], '.3e'):>11}"
-            f"{number(row['weight_decay'], 'g'):>14}  {'yes' if row['frozen'] else '':<6}"
-            f"  {'yes' if row['reinitialised'] else ''}".rstrip()
+            f"{row['group']:<12}{row['parameters']:>14,}{row['trainable']:>12,}"
+            f"{number(row['lr'], '.3e'):>11}{number(row['weight_decay'], 'g'):>14}"
+            f"  {frozen(row):<6}  {'yes' if row['reinitialised'] else ''}".rstrip()
         )
-    trainable = sum(row["parameters"] for row in rows if row["lr"] is not None)
+    trainable = sum(row["trainable"] for row in rows)
     total = sum(row["parameters"] for row in rows)
+    share = f"  ({trainable / total:.2%} of the parameters train)" if total else ""
     lines.append("-" * len(header))
-    lines.append(f"{'total':<12}{total:>14,}  ({trainable:,} in parts that train)")
+    lines.append(f"{'total':<12}{total:>14,}{trainable:>12,}{share}")
     return "\n".join(lines)
