@@ -249,3 +249,102 @@ def test_optuna_search_survives_a_failed_trial(workdir):
     assert math.isclose(best.best_value, max(r["dev"]["best"] for r in results
                                              if r["status"] == "completed"), abs_tol=1e-12)
     assert best.best_params["optimizer.lr"] == pytest.approx(2e-5)
+
+
+# ---------------------------------------------------------------- stacked seeds
+
+
+def test_the_stacked_sweeper_puts_together_the_jobs_that_differ_only_in_their_seed():
+    from hydra_plugins.blurbtune_stacked.stacked_sweeper import stack_jobs
+
+    jobs = [[f"stabilizer={st}", f"seed={s}", "x=1"] for st in ("none", "llrd")
+            for s in range(5)] + [["stabilizer=none", "x=2"]]
+    assert stack_jobs(jobs, lambda job: 2) == [
+        ["stabilizer=none", "stack=[0,1]", "x=1"], ["stabilizer=none", "stack=[2,3]", "x=1"],
+        ["stabilizer=none", "seed=4", "x=1"],
+        ["stabilizer=llrd", "stack=[0,1]", "x=1"], ["stabilizer=llrd", "stack=[2,3]", "x=1"],
+        ["stabilizer=llrd", "seed=4", "x=1"],
+        ["stabilizer=none", "x=2"]]
+    assert stack_jobs(jobs[:5], lambda job: 1) == jobs[:5]  # size 1: the unstacked sweep
+    with pytest.raises(ValueError, match="drop stack="):
+        stack_jobs([["stack=[0,1]"]], lambda job: 2)
+
+
+def test_auto_size_is_one_without_a_cuda_device_and_fits_memory_with_one():
+    import torch
+
+    from blurbtune.probe import auto_size, fit_count
+
+    if not torch.cuda.is_available():
+        assert auto_size(lambda: pytest.fail("a CPU needs no probe")) == 1
+    # a stack of 1 peaks at 3 GB, of 2 at 4 GB: 1 GB a member over 2 GB; 40 GB free
+    assert fit_count(3 * 2**30, 4 * 2**30, 40 * 2**30, margin=1.0) == 38
+    assert fit_count(3 * 2**30, 4 * 2**30, 40 * 2**30) == int((0.85 * 40 - 2) // 1)
+    assert fit_count(5, 10, 1) == 1  # never less than one member
+
+
+def test_the_probe_step_runs_a_stack_of_the_job(tmp_path):
+    """The probe trains one step of a stack of 2 on the task's longest batch (here on the CPU,
+    where it counts no memory)."""
+    from blurbtune.probe import peak_memory
+
+    cfg = compose(["model=tiny", "task=biosses", "stabilizer=[llrd,reinit_top]"])
+    assert peak_memory(cfg, 2, "cpu") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "parallel", "local_jobs"])
+def test_a_stacked_sweep_writes_the_unstacked_sweeps_folders(workdir, launcher):
+    """seed=0,1,2 x two stabilizers, stacks of 2: four jobs (two stacks, two single runs);
+    every run folder has the unstacked sweep's name, config and overrides, byte for byte,
+    and its predictions (test_stacking checks members in full; the tiny model's near-constant
+    similarity predictions make Pearson r too ill-conditioned to compare here)."""
+    cwd, _ = workdir
+    grid = [*SHORT, "seed=0,1,2", "stabilizer=none,llrd", "trainer.limit_train_batches=3"]
+    plain, stacked = cwd / "plain", cwd / "stacked"
+    _sweep(workdir, *grid, f"hydra.sweep.dir={plain}")
+    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    log = _sweep(workdir, *grid, f"hydra.sweep.dir={stacked}", "hydra/sweeper=stacked",
+                 "hydra.sweeper.size=2", *extra)
+    a, b = _results(plain), _results(stacked)
+    assert set(a) == set(b) and len(a) == 6
+    for name in a:
+        for record in ("config.yaml", "overrides.yaml"):
+            assert (plain / name / ".hydra" / record).read_bytes() == (
+                stacked / name / ".hydra" / record).read_bytes(), (name, record)
+        assert b[name]["status"] == "completed"
+        for split in ("dev", "test"):
+            pa, pb = ([json.loads(line)["pred"] for line in (sweep / name / "predictions" /
+                       f"{split}.jsonl").read_text().splitlines()] for sweep in (plain, stacked))
+            assert all(abs(x - y) < 1e-6 for x, y in zip(pa, pb, strict=True))
+        assert ("stack" in b[name]) == (b[name]["seed"] < 2)
+    stacks = sorted(p.name for p in stacked.glob("*stack=*"))
+    assert len(stacks) == 2 and all(json.loads((stacked / s / "stack.json").read_text())[
+        "members"] == [{"seed": 0}, {"seed": 1}] for s in stacks)
+    assert "stacked sweeper: 6 runs in 4 jobs" in log.stdout + log.stderr or launcher != "basic"
+
+    from blurbtune.report.cli import main as report_main
+
+    assert report_main([str(stacked)]) == 0
+    runs = pd.read_csv(stacked / "report" / "runs.csv")
+    assert len(runs) == 6 and runs["config"].nunique() == 2  # stacked runs group as singles
+
+
+@pytest.mark.slow
+def test_a_stack_is_an_ordinary_command(workdir):
+    """`python train.py ... stack=[0,1]` (no -m) writes the single runs' folders beside its
+    own, which holds only its log and stack.json."""
+    cwd, env = workdir
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *SHORT, "stack=[0,1]",
+                           "name=byhand"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = cwd / "outputs" / "runs" / "byhand"
+    short = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2}
+    names = {_folder(seed=0, **short), _folder(seed=1, **short)}
+    assert names <= {p.name for p in runs.iterdir()}
+    for name in names:
+        assert json.loads((runs / name / "results.json").read_text())["status"] == "completed"
+        assert (runs / name / "train.log").stat().st_size > 0
+    own = runs / _folder(stack="[0,1]", **short)
+    assert sorted(p.name for p in own.iterdir()) == ["stack.json", "train.log"]

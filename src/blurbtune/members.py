@@ -236,7 +236,7 @@ def _hydra_record(planned: Planned) -> DictConfig | None:
         return None
     record = copy.deepcopy(HydraConfig.instance().cfg)
     if planned.stack is not None:
-        with read_write(record), open_dict(record):
+        with read_write(record.hydra), open_dict(record.hydra):
             record.hydra.overrides.task = list(planned.overrides)
             record.hydra.runtime.output_dir = str(planned.out.resolve())
             record.hydra.job.override_dirname = override_dirname(planned.overrides, record.hydra)
