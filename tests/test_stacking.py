@@ -303,3 +303,77 @@ def test_a_stack_refuses_what_would_not_train_each_member_exactly():
         with pytest.raises(ConfigError, match=said):
             stacking.check_stackable(OmegaConf.create({**base, "trainer": trainer}))
     stacking.check_stackable(OmegaConf.create({**base, "trainer": {"precision": "bf16-mixed"}}))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2",
+                                    "deberta-v2-conv", "distilbert", "modernbert"])
+@pytest.mark.parametrize("head", ["seq", "tok"])
+def test_every_family_stacks_each_member_as_its_own_model(family, head):
+    """A training step with dropout on, two members padded from 5 and 7 tokens to one length:
+    each member's loss and gradients are its own model's, run alone from its seed."""
+    from test_stabilizers import CONFIGS
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = AutoModelForSequenceClassification if head == "seq" else \
+        AutoModelForTokenClassification
+
+    def make(seed):
+        config = CONFIGS[family]()
+        config.num_labels = 3
+        config.problem_type = "single_label_classification" if head == "seq" else None
+        torch.manual_seed(seed)
+        return auto.from_config(config).train()
+
+    seeds, rows, lengths = (3, 7), 3, (5, 7)
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 100, (rows, n), generator=gen) for n in lengths]
+    labels = [torch.randint(0, 3, (rows,) if head == "seq" else (rows, n), generator=gen)
+              for n in lengths]
+    singles = []
+    losses = []
+    for k, seed in enumerate(seeds):
+        model = make(seed)
+        torch.manual_seed(100 + seed)
+        loss = model(input_ids=ids[k], attention_mask=torch.ones_like(ids[k]),
+                     labels=labels[k]).loss
+        loss.backward()
+        singles.append(model)
+        losses.append(loss.detach())
+    skeleton, stacked = stacking.stack_models([make(s) for s in seeds])
+    stacking.prepare_skeleton(skeleton)
+    length = stacking.stack_length(list(lengths), stacking.axis_sizes(skeleton.config) | {rows})
+    inputs = {"input_ids": torch.zeros(2, rows, length, dtype=torch.long),
+              "attention_mask": torch.zeros(2, rows, length, dtype=torch.long),
+              "labels": torch.full((2, rows, length), -100)}
+    for k, n in enumerate(lengths):
+        inputs["input_ids"][k, :, :n] = ids[k]
+        inputs["attention_mask"][k, :, :n] = 1
+        if head == "tok":
+            inputs["labels"][k, :, :n] = labels[k]
+    if head == "seq":
+        inputs["labels"] = torch.stack(labels)
+    gens = [torch.Generator().manual_seed(100 + s) for s in seeds]
+    out = stacking.forward(skeleton, stacked, inputs, False, gens, stacking.mask_form(skeleton))
+    out.loss.sum().backward()
+    assert torch.allclose(out.loss.detach(), torch.stack(losses), atol=1e-6)
+    params = dict(skeleton.named_parameters())
+    for k, single in enumerate(singles):
+        for name, p in single.named_parameters():
+            if p.grad is not None:
+                assert torch.allclose(params[name].grad[k], p.grad, atol=1e-5), name
+
+
+def test_a_family_that_cannot_be_stacked_is_refused_naming_it_and_the_fallback(monkeypatch):
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from blurbtune.errors import ConfigError
+    from blurbtune.families import FAMILIES
+
+    monkeypatch.setitem(FAMILIES, "bert", replace(FAMILIES["bert"], stack_mask=None,
+                                                  stack_note="its mask branches on the data"))
+    cfg = OmegaConf.create({"model": {"config": {"model_type": "bert"}}, "trainer": {}})
+    with pytest.raises(ConfigError, match=r"model family 'bert' cannot be stacked \(its mask "
+                                          r"branches on the data\); run the seeds unstacked"):
+        stacking.check_stackable(cfg)

@@ -89,6 +89,8 @@ FAMILIES: dict[str, Family] = {
     "deberta-v2": Family(
         embeddings=("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm", "encoder.conv"),
         layers="encoder.layer",
+        # DeBERTa builds its attention mask from the 2-D one with no branch on the data.
+        stack_mask="2d",
         lora_targets=("query_proj", "value_proj"),
     ),
     "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer",
