@@ -377,3 +377,12 @@ def test_a_family_that_cannot_be_stacked_is_refused_naming_it_and_the_fallback(m
     with pytest.raises(ConfigError, match=r"model family 'bert' cannot be stacked \(its mask "
                                           r"branches on the data\); run the seeds unstacked"):
         stacking.check_stackable(cfg)
+
+
+def test_verify_reruns_a_member_in_its_stack_and_finds_it_identical(tmp_path, cache):
+    from blurbtune.verify import verify
+
+    run(tiny_config(tmp_path / "stack", cache, *COMMON, "task=hoc", "stack=[0,1]"))
+    same, lines = verify(tmp_path / "stack" / "seed=1")
+    assert same, lines
+    assert lines[0] == "identical: metrics and predictions reproduced"

@@ -157,8 +157,8 @@ def plan(cfg: DictConfig) -> list[Planned]:
         lines = member_overrides(overrides, member)
         if hydra_cfg is not None:
             out = stack_dir.parent / folder_name(lines, hydra_cfg)
-        else:  # outside Hydra: members in the stack's folder, one folder per seed
-            out = stack_dir / folder_name(_member_override_lines(member), _plain_hydra())
+        else:
+            out = member_folder(stack_dir, member)
         seeds = resolve_seeds(member_cfg.seed, member_cfg.get("data_seed"),
                               member_cfg.get("init_seed"))
         record = {"size": len(members), "members": members, "position": position,
@@ -205,6 +205,12 @@ def write_stack_file(planned: list[Planned]) -> None:
     write_text_atomic(folder / STACK_FILE, json.dumps({
         "members": planned[0].stack["members"],
         "folders": [str(p.out) for p in planned]}, indent=2) + "\n")
+
+
+def member_folder(stack_dir: Path, member: dict[str, int]) -> Path:
+    """Where a member's run goes when the stack runs outside Hydra (tests, `blurbtune verify`):
+    a folder per member in the stack's folder, named from its seeds (`seed=3`)."""
+    return Path(stack_dir) / folder_name(_member_override_lines(member), _plain_hydra())
 
 
 def _plain_hydra() -> Any:

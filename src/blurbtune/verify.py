@@ -41,9 +41,12 @@ def compare_predictions(old_dir: Path, new_dir: Path) -> list[str]:
     return out
 
 
-def rerun(run_dir: Path, into: Path) -> None:
-    """Run the recorded config of `run_dir` again, writing into `into`."""
+def rerun(run_dir: Path, into: Path) -> Path:
+    """Run the recorded config of `run_dir` again, writing into `into`; returns the folder of
+    the rerun. A run trained in a stack is rerun in that stack (its members, its order), so
+    its kernels add in the same order as they did."""
     from blurbtune.config import register_resolvers
+    from blurbtune.members import member_folder, members_of
     from blurbtune.run import run
 
     register_resolvers()
@@ -54,7 +57,14 @@ def rerun(run_dir: Path, into: Path) -> None:
     cfg = OmegaConf.load(cfg_path)
     cfg.run_dir = str(into)
     cfg.keep_checkpoints = False
+    stack = (read_json(run_dir / "results.json") or {}).get("stack")
+    if not stack:
+        run(cfg)
+        return into
+    member = members_of(stack["members"])[stack["position"]]
+    cfg.stack = stack["members"]
     run(cfg)
+    return member_folder(into, member)
 
 
 def verify(run_dir: Path, keep: Path | None = None) -> tuple[bool, list[str]]:
@@ -65,8 +75,7 @@ def verify(run_dir: Path, keep: Path | None = None) -> tuple[bool, list[str]]:
         raise BlurbtuneError(f"{run_dir / 'results.json'}: expected a completed run, "
                              f"found {state!r}")
     with tempfile.TemporaryDirectory(prefix="blurbtune-verify-") as tmp:
-        new_dir = keep or Path(tmp)
-        rerun(run_dir, new_dir)
+        new_dir = rerun(run_dir, keep or Path(tmp))
         new = read_json(new_dir / "results.json") or {}
         diffs = compare_results(old, new)
         diffs += compare_predictions(run_dir / "predictions", new_dir / "predictions")
