@@ -28,9 +28,10 @@ def test_the_logger_choice_is_not_part_of_the_run_folder() -> None:
     assert "logger" in cfg.hydra.job.config.override_dirname.exclude_keys
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two seeds of one sweep, logged to all four loggers at once (W&B offline)."""
+@pytest.fixture(scope="module", params=["single runs", "a stack"])
+def sweep(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict:
+    """Two seeds of one sweep, logged to all four loggers at once (W&B offline): two single
+    runs, or one stack of both, whose members each log as their single run does."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
@@ -40,12 +41,15 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     mp.setenv("WANDB_SILENT", "true")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     runs = {}
+    common = ("trainer.max_epochs=2", "name=my_sweep", "logger=[csv,tensorboard,mlflow,wandb]",
+              f"logger.mlflow.tracking_uri={uri}")
     try:
+        if request.param == "a stack":
+            run(tiny_config(root / "my_sweep", root / "cache", "stack=[0,1]", *common))
         for seed in (0, 1):
-            folder = root / "my_sweep" / f"seed{seed}"
-            run(tiny_config(folder, root / "cache", f"seed={seed}", "trainer.max_epochs=2",
-                            "name=my_sweep", "logger=[csv,tensorboard,mlflow,wandb]",
-                            f"logger.mlflow.tracking_uri={uri}"))
+            folder = root / "my_sweep" / f"seed={seed}"
+            if request.param == "single runs":
+                run(tiny_config(folder, root / "cache", f"seed={seed}", *common))
             runs[seed] = {"dir": folder,
                           "results": json.loads((folder / "results.json").read_text())}
     finally:
@@ -86,7 +90,7 @@ def test_mlflow_store(sweep: dict) -> None:
     client = MlflowClient(sweep["uri"])
     experiment = client.get_experiment_by_name("my_sweep")  # the sweep's name
     found = client.search_runs([experiment.experiment_id])
-    assert sorted(x.info.run_name for x in found) == ["seed0", "seed1"]  # the run folders
+    assert sorted(x.info.run_name for x in found) == ["seed=0", "seed=1"]  # the run folders
     for x in found:
         r = sweep["runs"][int(x.info.run_name[-1])]
         assert x.info.status == "FINISHED"
@@ -112,7 +116,7 @@ def test_wandb_offline_run(sweep: dict) -> None:
     for seed, r in sweep["runs"].items():
         records = _wandb_records(r["dir"])
         [header] = [x["run"] for x in records if x["type"] == "run"]
-        assert header["display_name"] == f"seed{seed}" and header["run_group"] == "my_sweep"
+        assert header["display_name"] == f"seed={seed}" and header["run_group"] == "my_sweep"
         config = {}
         for x in records:
             if x["type"] == "config":

@@ -22,10 +22,12 @@ RUN_FOLDER_ARGS = ("save_dir",)
 RUN_NAME_ARGS = ("run_name", "name")
 
 
-def build(cfg: DictConfig, out: Path, finish_open: bool = True) -> list[Any]:
+def build(cfg: DictConfig, out: Path, finish_open: bool = True,
+          stacked: bool = False) -> list[Any]:
     """The loggers of `cfg.logger`, writing into (or named after) the run folder `out`.
     `finish_open`: end a W&B run a failed run of this process left open (not for the second
-    and later members of a stack, whose first member's run is open on purpose)."""
+    and later members of a stack, whose first member's run is open on purpose). `stacked`: a
+    member of a stack, whose W&B run must be its own while the others' are open too."""
     from hydra.utils import get_class, instantiate
 
     if finish_open:
@@ -43,6 +45,8 @@ def build(cfg: DictConfig, out: Path, finish_open: bool = True) -> list[Any]:
             if arg in params and arg in spec and spec[arg] is None:
                 fill[arg] = out.name
                 break
+        if stacked and key == "wandb":
+            fill["reinit"] = "create_new"  # not the process's one current run: one per member
         uri = spec.get("tracking_uri")
         if isinstance(uri, str) and uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,7 @@ def log_final(loggers: list[Any], results: dict, step: int, params: dict) -> Non
             logger.log_metrics(scores, step=step)
         logger.save()
         logger.finalize("success")
+        _end_own_wandb_run(logger)
     _finish_wandb_run()
 
 
@@ -161,6 +166,14 @@ def finish(loggers: list[Any]) -> None:
     for logger in loggers:
         logger.save()
         logger.finalize("failed")
+        _end_own_wandb_run(logger)
+
+
+def _end_own_wandb_run(logger: Any) -> None:
+    """Lightning's W&B logger leaves its run open; a stack member's is not the process's
+    current run, which `_finish_wandb_run` ends, so it is ended here."""
+    if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None):
+        logger._experiment.finish()
 
 
 def _finish_wandb_run() -> None:

@@ -442,7 +442,7 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
     if cfg.trainer.get("compile"):
         compile_model(model)
     callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
-    run_loggers = [loggers.build(p.cfg, p.out, finish_open=k == 0)
+    run_loggers = [loggers.build(p.cfg, p.out, finish_open=k == 0, stacked=size > 1)
                    for k, p in enumerate(group)]
     checkpoint_io = None
     if size > 1:
