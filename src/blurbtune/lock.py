@@ -11,6 +11,7 @@ the holder's host, pid and start time, for the message of a process that finds i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,8 +58,11 @@ class RunLock:
             if previous:  # a holder that ended without releasing: killed, or its node lost
                 log.info("taking over the lock of %s, which is no longer running: %s",
                          describe(previous), self.path)
-            _write(fd, {"host": socket.gethostname(), "pid": os.getpid(),
-                        "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
+            try:
+                _write(fd, {"host": socket.gethostname(), "pid": os.getpid(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
+            except OSError as e:  # a full disk: the lock holds; only the holder's name is lost
+                log.warning("could not write the holder's name into %s (%s)", self.path, e)
         except BaseException:
             os.close(fd)
             raise
@@ -70,7 +74,8 @@ class RunLock:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # an empty file: released in order, nobody to take over from
+            with contextlib.suppress(OSError):  # an empty file: released in order
+                os.ftruncate(fd, 0)
             unlock_descriptor(fd)
         finally:
             os.close(fd)

@@ -272,15 +272,20 @@ def _record_stop(e: BaseException, group: list[Planned], identities: list[dict],
         if module is not None and module.members[k].diverged is not None:
             own_status = "diverged"
             own_error = f"DivergedError: {module.members[k].diverged}"
-        write_text_atomic(p.out / "error.log", trace)
         if own_status == "diverged" and not p.cfg.get("keep_checkpoints"):
             remove_checkpoints(p.out)  # a final result: nothing will resume from it
         kept = _progress(done, k, p.out)
-        if not p.cfg.get("dry_run"):
-            write_json(p.out / "results.json", {"status": own_status, "error": own_error,
-                                                **identity, **kept,
-                                                "train_time_s": time.time() - done["started"]})
-            done["written"].add(k)
+        try:
+            write_text_atomic(p.out / "error.log", trace)
+            if not p.cfg.get("dry_run"):
+                write_json(p.out / "results.json", {
+                    "status": own_status, "error": own_error, **identity, **kept,
+                    "train_time_s": time.time() - done["started"]})
+        except OSError as write_error:  # a full disk: results.json keeps saying "running",
+            log.error("could not record that run %s %s in %s (%s); a rerun retries it",
+                      p.out.name, own_status, p.out / "results.json", write_error)
+            continue  # which a rerun treats as a stopped run
+        done["written"].add(k)
         if "dev" in kept:
             log.log(logging.ERROR if own_status == "failed" else logging.WARNING,
                     "run %s %s while %s (%s); its dev scores%s are recorded in %s", p.out.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 
@@ -29,6 +30,12 @@ def _main(cfg: DictConfig) -> float | None:
         score = run(cfg)
     except BlurbtuneError as e:  # only a single run re-raises; Hydra would print a traceback
         _fail(e)
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        _fail(f"{e.filename or 'a file of the run'}: {e.strerror} (errno {e.errno}); what the "
+              "run had done is recorded where it could be: free some space and run the same "
+              "command again (it resumes from its last checkpoint)")
     return None if math.isnan(score) else score
 
 
@@ -38,7 +45,10 @@ def _task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def _fail(e: BlurbtuneError) -> None:
+FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, disk quota exceeded
+
+
+def _fail(e: BlurbtuneError | str) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
