@@ -278,3 +278,41 @@ def test_data_check_says_why_a_count_differs_where_it_is_known(tmp_path, mention
                         else "differs train/dev/test")
     note = "bc5disease/dev: 4,246 vs 4,244: BLURB's own BC5CDR-disease dev.tsv has 2 more"
     assert (note in out) == known
+
+
+@pytest.mark.parametrize("task, folder, split_file, fixture, where", [
+    ("biosses", "BIOSSES", "train.tsv", "biosses_latin1.tsv", ":3: byte 0xef at column 5"),
+    ("ncbi_disease", "NCBI-disease", "dev.tsv", "ner_latin1.tsv", ":3: byte 0xf6 at column 3"),
+    ("pubmedqa", "pubmedqa", "test_set.json", "pubmedqa_latin1.json",
+     ":3: byte 0xe9 at column 24"),
+])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, task, folder, split_file, fixture,
+                                                where):
+    """It raised UnicodeDecodeError '... in position 1665': no file, no line."""
+    data = copy_task_folder(folder, tmp_path / "data", {split_file: BAD / fixture})
+    msg = error_of(tmp_path, f"task={task}", data_dir=data)
+    assert f"{folder}/{split_file}{where} is not UTF-8" in msg
+    assert msg.endswith("expected UTF-8 text (re-save the file as UTF-8)")
+
+
+def test_a_split_that_is_a_folder(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "data", drop=("dev.tsv",))
+    (data / "BIOSSES" / "dev.tsv").mkdir()
+    msg = error_of(tmp_path, data_dir=data)
+    assert msg == (f"{data / 'BIOSSES' / 'dev.tsv'}: is not a file; expected the dev split of "
+                   "task 'biosses' as a file")
+
+
+def test_data_check_lists_a_file_that_is_not_utf8_as_unreadable(tmp_path):
+    import shutil
+
+    data = tmp_path / "blurb"
+    shutil.copytree(FIXTURES, data)
+    shutil.copyfile(BAD / "biosses_latin1.tsv", data / "BIOSSES" / "dev.tsv")
+    status, out = _data_check(data)
+    assert status == 1
+    assert next(line for line in out.splitlines() if line.startswith("BIOSSES")).endswith(
+        "error dev")
+    assert (f"  biosses/dev: {data / 'BIOSSES' / 'dev.tsv'}:3: byte 0xef at column 5 is not "
+            "UTF-8 (invalid continuation byte)") in out
+    assert "1 split(s) missing or unreadable: exit status 1." in out

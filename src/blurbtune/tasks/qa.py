@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from blurbtune.errors import DataError
-from blurbtune.tasks.base import Example, SequenceTask, label_index, read_tsv, register
+from blurbtune.tasks.base import (
+    Example,
+    SequenceTask,
+    label_index,
+    open_text,
+    read_tsv,
+    register,
+)
 
 
 @register("qa")
@@ -29,8 +36,10 @@ class QuestionAnswering(SequenceTask):
 
 
 def _read_pubmedqa(path: Path, task: Any) -> list[Example]:
+    with open_text(path) as f:
+        text = f.read()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON: {e.msg}", e.lineno) from None
     if not isinstance(data, dict):
