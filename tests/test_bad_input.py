@@ -316,3 +316,51 @@ def test_data_check_lists_a_file_that_is_not_utf8_as_unreadable(tmp_path):
     assert (f"  biosses/dev: {data / 'BIOSSES' / 'dev.tsv'}:3: byte 0xef at column 5 is not "
             "UTF-8 (invalid continuation byte)") in out
     assert "1 split(s) missing or unreadable: exit status 1." in out
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
+def test_a_score_that_is_not_finite(tmp_path, score):
+    """float() takes 'nan': the run then diverged on a NaN gold score, recorded as a finding."""
+    data = copy_task_folder("BIOSSES", tmp_path / "data")
+    train = data / "BIOSSES" / "train.tsv"
+    lines = train.read_text().splitlines()
+    pair_id, s1, s2, _ = lines[2].split("\t")
+    lines[2] = "\t".join([pair_id, s1, s2, score])
+    train.write_text("\n".join(lines) + "\n")
+    msg = error_of(tmp_path, data_dir=data)
+    assert msg == f"{train}:3: expected a numeric score, got {score!r}"
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"QUESTION": "Q?", "CONTEXTS": "one string", "final_decision": "yes"},
+     "expected QUESTION a string and CONTEXTS a list of strings"),  # was joined letter by letter
+    (["a", "list"], "is a JSON list; expected an object with QUESTION, CONTEXTS and "
+                    "final_decision"),
+])
+def test_a_pubmedqa_entry_of_the_wrong_shape(tmp_path, entry, expected):
+    data = copy_task_folder("pubmedqa", tmp_path / "data")
+    path = data / "pubmedqa" / "pqal_fold0" / "train_set.json"
+    entries = json.loads(path.read_text())
+    first = next(iter(entries))
+    entries[first] = entry
+    path.write_text(json.dumps(entries))
+    msg = error_of(tmp_path, "task=pubmedqa", data_dir=data)
+    assert msg.startswith(f"{path}: entry '{first}'") and msg.endswith(expected)
+
+
+def test_data_check_lists_a_split_that_is_a_folder_as_unreadable(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "blurb", drop=("dev.tsv",))
+    (data / "BIOSSES" / "dev.tsv").mkdir()
+    status, out = _data_check(data)
+    assert status == 1
+    assert f"  biosses/dev: {data / 'BIOSSES' / 'dev.tsv'}: is not a file" in out
+    assert next(line for line in out.splitlines() if line.startswith("BIOSSES")).endswith(
+        "error dev")  # it said "missing dev"
+
+
+def test_data_check_on_the_folder_of_one_dataset_says_to_give_its_parent(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "blurb")
+    status, out = _data_check(data / "BIOSSES")
+    assert status == 1
+    assert (f"{data / 'BIOSSES'} looks like the folder of one dataset: give the folder that "
+            f"holds the dataset folders (here {data}).") in out

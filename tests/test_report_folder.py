@@ -101,3 +101,11 @@ def test_an_out_that_is_not_a_report_is_refused_and_left_alone(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"blurbtune report: error: {expected}")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_file_given_as_sweep(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "notes.txt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"blurbtune report: error: {tmp_path / 'notes.txt'}: is a file; expected a sweep folder "
+        "or a results.json")

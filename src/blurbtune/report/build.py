@@ -64,6 +64,8 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     for path in paths:
         if not path.exists():
             raise NoResultsError(f"{path}: no such file or folder")
+        if path.is_file() and not find_results(path):
+            raise NoResultsError(f"{path}: is a file; expected a sweep folder or a results.json")
         if not find_results(path):
             raise NoResultsError(f"{path}: no results.json found in this folder or below it")
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
