@@ -139,3 +139,8 @@ def test_a_bad_value_in_a_sweep_skips_that_run_and_the_sweep_goes_on(tmp_path: P
     assert json.loads(good.read_text())["batch_size"] == 4
     bad = tmp_path / "sweep" / "model=tiny,task.batch_size=0"
     assert not (bad / "results.json").exists() and not (bad / "param_groups.json").exists()
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert [s.key for s in SETTINGS if f"`{s.key}`" not in readme] == []
