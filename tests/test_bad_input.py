@@ -364,3 +364,10 @@ def test_data_check_on_the_folder_of_one_dataset_says_to_give_its_parent(tmp_pat
     assert status == 1
     assert (f"{data / 'BIOSSES'} looks like the folder of one dataset: give the folder that "
             f"holds the dataset folders (here {data}).") in out
+
+
+def test_a_cache_dir_that_is_a_file(tmp_path):
+    (tmp_path / "cache-file").write_text("")
+    msg = error_of(tmp_path, f"data.cache_dir={tmp_path / 'cache-file'}")
+    assert msg.startswith(f"data.cache_dir='{tmp_path / 'cache-file'}': cannot be a folder")
+    assert msg.endswith("expected a folder for the tokenised splits, or null for none")

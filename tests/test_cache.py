@@ -85,3 +85,26 @@ def test_a_folder_left_half_written_is_rebuilt(setup, tmp_path, caplog):
         rebuilt, from_cache = encode(setup, tmp_path / "cache")
     assert not from_cache and rows(rebuilt) == rows(fresh)
     assert any(str(folder) in r.getMessage() for r in caplog.records)
+
+
+def test_a_cache_that_cannot_be_saved_is_skipped_with_a_warning(setup, tmp_path, caplog,
+                                                                monkeypatch):
+    """A full disk or a read-only cache folder: the split is used from memory."""
+    import errno
+
+    import datasets
+
+    expected = rows(encode(setup, None)[0])
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    (tmp_path / "cache").mkdir()
+    with caplog.at_level(logging.WARNING, logger="blurbtune"):
+        ds, from_cache = encode(setup, tmp_path / "cache")
+    assert not from_cache and rows(ds) == expected
+    assert list((tmp_path / "cache").iterdir()) == []
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith("could not save the tokenised cache ")
+    assert line.endswith("(OSError: [Errno 28] No space left on device): going on without it")

@@ -61,8 +61,14 @@ def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None
     if target is None:
         return enc, False
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    with datasets_bars_off():  # the tokenising bar said it; a saving bar adds nothing
-        enc.save_to_disk(str(tmp))
+    try:
+        with datasets_bars_off():  # the tokenising bar said it; a saving bar adds nothing
+            enc.save_to_disk(str(tmp))
+    except OSError as e:  # a full disk, a read-only cache: this run goes on without it
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not save the tokenised cache %s (%s): going on without it",
+                    target, " ".join(f"{type(e).__name__}: {e}".split()))
+        return enc, False
     try:
         tmp.rename(target)
     except OSError:  # another run of the sweep saved it first
@@ -246,7 +252,12 @@ class BlurbDataModule(pl.LightningDataModule):
         self.timing["read_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"data.cache_dir={str(self.cache_dir)!r}: cannot be a folder "
+                                  f"({e.strerror or e}); expected a folder for the tokenised "
+                                  "splits, or null for none") from None
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         for name, split in self.splits.items():
             self.encoded[name], self.from_cache[name] = encode_split(
