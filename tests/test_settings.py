@@ -96,6 +96,17 @@ def test_good_values_pass(overrides: tuple[str, ...]) -> None:
     check_settings(compose(["model=tiny", *overrides]))
 
 
+def test_a_key_an_older_run_lacks_is_not_an_error() -> None:
+    """`blurbtune verify` re-runs the config recorded by an older version."""
+    from omegaconf import open_dict
+
+    cfg = compose(["model=tiny"])
+    with open_dict(cfg):
+        del cfg["test_every_epoch"]
+        del cfg.trainer["log_every_n_steps"]
+    check_settings(cfg)
+
+
 def test_every_task_and_experiment_passes_as_shipped() -> None:
     conf = Path(config_dir())
     for group in ("task", "experiment"):

@@ -31,7 +31,6 @@ class Setting:
     above: bool = False  # low is exclusive: > low
     null: str = ""  # what null means, when null is allowed
     extra: int | None = None  # one more allowed value outside the range (max_steps: -1)
-    optional: bool = False  # the key may be absent
 
     def allows(self, value: Any) -> bool:
         if value is None:
@@ -115,20 +114,20 @@ SETTINGS: tuple[Setting, ...] = (
     _int("data.num_workers", 0),
     _int("threads", 1, null="the CPUs this process may use"),
     _int("trainer.log_every_n_steps", 1),
-    Setting("trainer.limit_train_batches", "count_or_fraction", optional=True),
-    Setting("trainer.limit_val_batches", "count_or_fraction", optional=True),
-    Setting("trainer.limit_test_batches", "count_or_fraction", optional=True),
+    Setting("trainer.limit_train_batches", "count_or_fraction"),
+    Setting("trainer.limit_val_batches", "count_or_fraction"),
+    Setting("trainer.limit_test_batches", "count_or_fraction"),
     *(_bool(key) for key in ("deterministic", "dry_run", "save_model", "keep_checkpoints",
                              "rerun_diverged", "test_every_epoch")),
-    _bool("model.new_head", optional=True),
-    _bool("trainer.compile", optional=True),
+    _bool("model.new_head"),
+    _bool("trainer.compile"),
     # Stabilizer knobs: the type here; the range, which depends on the model, where it is known.
-    _int("stabilizer.freeze.layers", optional=True),
-    _bool("stabilizer.freeze.embeddings", optional=True),
-    _int("stabilizer.reinit.layers", optional=True),
-    _bool("stabilizer.reinit.pooler", optional=True),
-    _float("stabilizer.llrd.decay", optional=True),
-    _int("stabilizer.recommended.low_resource", 0, optional=True),
+    _int("stabilizer.freeze.layers"),
+    _bool("stabilizer.freeze.embeddings"),
+    _int("stabilizer.reinit.layers"),
+    _bool("stabilizer.reinit.pooler"),
+    _float("stabilizer.llrd.decay"),
+    _int("stabilizer.recommended.low_resource", 0),
 )
 
 
@@ -151,10 +150,8 @@ def check_settings(cfg: DictConfig) -> None:
     """
     for setting in SETTINGS:
         value = value_of(cfg, setting.key)
-        if value is ABSENT:
-            if setting.optional:
-                continue
-            raise ConfigError(f"{setting.key} is missing; expected {setting.expected()}")
+        if value is ABSENT:  # not set here (a stabilizer not chosen, an older run's config)
+            continue
         if setting.key == "trainer.max_epochs" and value == -1 and not isinstance(value, bool):
             if value_of(cfg, "trainer.max_steps") >= 1:
                 continue
