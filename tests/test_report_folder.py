@@ -109,3 +109,22 @@ def test_a_file_given_as_sweep(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"blurbtune report: error: {tmp_path / 'notes.txt'}: is a file; expected a sweep folder "
         "or a results.json")
+
+
+def test_a_report_that_cannot_be_written_leaves_the_old_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "report"
+    build.build_report([sweep(tmp_path / "b", "chemprot")], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tables, "write_expected_max", full)
+    assert main([str(sweep(tmp_path / "a", "biosses")), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"blurbtune report: error: --out {out}: the report could not be written (No space left "
+        "on device); nothing was changed there")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

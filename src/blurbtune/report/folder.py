@@ -59,13 +59,17 @@ def check_out(out: Path) -> None:
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A fresh hidden folder beside `out` to write the report into; renamed to `out` when the
-    block ends, removed if it raises."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    block ends, removed if it raises (the report at `out`, if any, is then left as it was). A
+    folder that cannot be written (a full disk, no permission) is a ReportError."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
         publish(tmp, out)
+    except OSError as e:
+        raise ReportError(f"--out {out}: the report could not be written ({e.strerror or e}); "
+                          "nothing was changed there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
