@@ -278,3 +278,96 @@ def test_data_check_says_why_a_count_differs_where_it_is_known(tmp_path, mention
                         else "differs train/dev/test")
     note = "bc5disease/dev: 4,246 vs 4,244: BLURB's own BC5CDR-disease dev.tsv has 2 more"
     assert (note in out) == known
+
+
+@pytest.mark.parametrize("task, folder, split_file, fixture, where", [
+    ("biosses", "BIOSSES", "train.tsv", "biosses_latin1.tsv", ":3: byte 0xef at column 5"),
+    ("ncbi_disease", "NCBI-disease", "dev.tsv", "ner_latin1.tsv", ":3: byte 0xf6 at column 3"),
+    ("pubmedqa", "pubmedqa", "test_set.json", "pubmedqa_latin1.json",
+     ":3: byte 0xe9 at column 24"),
+])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, task, folder, split_file, fixture,
+                                                where):
+    """It raised UnicodeDecodeError '... in position 1665': no file, no line."""
+    data = copy_task_folder(folder, tmp_path / "data", {split_file: BAD / fixture})
+    msg = error_of(tmp_path, f"task={task}", data_dir=data)
+    assert f"{folder}/{split_file}{where} is not UTF-8" in msg
+    assert msg.endswith("expected UTF-8 text (re-save the file as UTF-8)")
+
+
+def test_a_split_that_is_a_folder(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "data", drop=("dev.tsv",))
+    (data / "BIOSSES" / "dev.tsv").mkdir()
+    msg = error_of(tmp_path, data_dir=data)
+    assert msg == (f"{data / 'BIOSSES' / 'dev.tsv'}: is not a file; expected the dev split of "
+                   "task 'biosses' as a file")
+
+
+def test_data_check_lists_a_file_that_is_not_utf8_as_unreadable(tmp_path):
+    import shutil
+
+    data = tmp_path / "blurb"
+    shutil.copytree(FIXTURES, data)
+    shutil.copyfile(BAD / "biosses_latin1.tsv", data / "BIOSSES" / "dev.tsv")
+    status, out = _data_check(data)
+    assert status == 1
+    assert next(line for line in out.splitlines() if line.startswith("BIOSSES")).endswith(
+        "error dev")
+    assert (f"  biosses/dev: {data / 'BIOSSES' / 'dev.tsv'}:3: byte 0xef at column 5 is not "
+            "UTF-8 (invalid continuation byte)") in out
+    assert "1 split(s) missing or unreadable: exit status 1." in out
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
+def test_a_score_that_is_not_finite(tmp_path, score):
+    """float() takes 'nan': the run then diverged on a NaN gold score, recorded as a finding."""
+    data = copy_task_folder("BIOSSES", tmp_path / "data")
+    train = data / "BIOSSES" / "train.tsv"
+    lines = train.read_text().splitlines()
+    pair_id, s1, s2, _ = lines[2].split("\t")
+    lines[2] = "\t".join([pair_id, s1, s2, score])
+    train.write_text("\n".join(lines) + "\n")
+    msg = error_of(tmp_path, data_dir=data)
+    assert msg == f"{train}:3: expected a numeric score, got {score!r}"
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"QUESTION": "Q?", "CONTEXTS": "one string", "final_decision": "yes"},
+     "expected QUESTION a string and CONTEXTS a list of strings"),  # was joined letter by letter
+    (["a", "list"], "is a JSON list; expected an object with QUESTION, CONTEXTS and "
+                    "final_decision"),
+])
+def test_a_pubmedqa_entry_of_the_wrong_shape(tmp_path, entry, expected):
+    data = copy_task_folder("pubmedqa", tmp_path / "data")
+    path = data / "pubmedqa" / "pqal_fold0" / "train_set.json"
+    entries = json.loads(path.read_text())
+    first = next(iter(entries))
+    entries[first] = entry
+    path.write_text(json.dumps(entries))
+    msg = error_of(tmp_path, "task=pubmedqa", data_dir=data)
+    assert msg.startswith(f"{path}: entry '{first}'") and msg.endswith(expected)
+
+
+def test_data_check_lists_a_split_that_is_a_folder_as_unreadable(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "blurb", drop=("dev.tsv",))
+    (data / "BIOSSES" / "dev.tsv").mkdir()
+    status, out = _data_check(data)
+    assert status == 1
+    assert f"  biosses/dev: {data / 'BIOSSES' / 'dev.tsv'}: is not a file" in out
+    assert next(line for line in out.splitlines() if line.startswith("BIOSSES")).endswith(
+        "error dev")  # it said "missing dev"
+
+
+def test_data_check_on_the_folder_of_one_dataset_says_to_give_its_parent(tmp_path):
+    data = copy_task_folder("BIOSSES", tmp_path / "blurb")
+    status, out = _data_check(data / "BIOSSES")
+    assert status == 1
+    assert (f"{data / 'BIOSSES'} looks like the folder of one dataset: give the folder that "
+            f"holds the dataset folders (here {data}).") in out
+
+
+def test_a_cache_dir_that_is_a_file(tmp_path):
+    (tmp_path / "cache-file").write_text("")
+    msg = error_of(tmp_path, f"data.cache_dir={tmp_path / 'cache-file'}")
+    assert msg.startswith(f"data.cache_dir='{tmp_path / 'cache-file'}': cannot be a folder")
+    assert msg.endswith("expected a folder for the tokenised splits, or null for none")

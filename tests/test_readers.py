@@ -63,3 +63,26 @@ def test_data_check_reproduces_the_shared_counts() -> None:
     assert results[("ebmnlp", "train")].status == "missing"
     assert results[("ebmnlp", "test")].found == 16364
     assert results[("bc5chem", "train")].status == "missing"
+
+
+LAYOUTS = [("biosses", "train.tsv"), ("ncbi_disease", "train.tsv"), ("chemprot", "train.tsv"),
+           ("gad", "train.tsv"), ("hoc", "train.tsv"), ("bioasq", "train.tsv"),
+           ("pubmedqa", "pqal_fold0/train_set.json")]
+
+
+@pytest.mark.parametrize("name, file", LAYOUTS)
+@pytest.mark.parametrize("change", ["byte-order mark", "CRLF line ends"])
+def test_a_bom_or_crlf_reads_as_the_plain_file(tmp_path, name: str, file: str, change: str):
+    """A file saved by a Windows editor reads as the same examples. A BOM failed the header
+    check (BIOSSES, GAD, HoC, PubMedQA's JSON) or silently became part of the first word or id
+    (NCBI-disease's `\\ufeffGermline`, ChemProt's and BioASQ's first id); CRLF already read."""
+    import shutil
+
+    task = tasks()[name]
+    shutil.copytree(FIXTURES / task.folder, tmp_path / task.folder)
+    path = tmp_path / task.folder / file
+    raw = path.read_bytes()
+    path.write_bytes(b"\xef\xbb\xbf" + raw if change == "byte-order mark"
+                     else raw.replace(b"\n", b"\r\n"))
+    assert read_split(task, tmp_path, "train").examples == read_split(
+        task, FIXTURES, "train").examples

@@ -76,11 +76,9 @@ def test_failures_and_spread_per_configuration(study: Path, tmp_path: Path) -> N
         values = [s for s in scores.values() if s is not None]  # diverged: no test score
         assert row.n == len(values)
         assert row.test_best_std == pytest.approx(statistics.stdev(values))
-        ci = sps.bootstrap((np.array(values),), lambda x, axis: np.std(x, ddof=1, axis=axis),
-                           confidence_level=0.95, n_resamples=9999, method="percentile",
-                           rng=np.random.default_rng(0)).confidence_interval
-        assert (row.test_best_std_ci_low, row.test_best_std_ci_high) == pytest.approx(
-            (ci.low, ci.high))
+        # 5 and 6 runs: too few for a 95% interval of the std (test_report_sample_size)
+        assert np.isnan(row.test_best_std_ci_low) and np.isnan(row.test_best_std_ci_high)
+        assert row.test_best_std_ci_note == f"n too small: {len(values)}, needs ≥11"
     md = (tmp_path / "out" / "stability.md").read_text()
     assert "| minilm | biosses | none | - | 3e-05 | 16 | 3/6 | 50% [19%, 81%] | 5 |" in md
     assert "diverged runs have no test score" in md

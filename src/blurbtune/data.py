@@ -38,6 +38,10 @@ def split_path(task: Any, data_dir: str | Path, split: str) -> Path:
     for name in names:
         if (root / name).is_file():
             return root / name
+    for name in names:
+        if (root / name).exists():
+            raise DataError(root / name, f"is not a file; expected the {split} split of task "
+                                         f"{task.name!r} as a file")
     if not root.is_dir():
         raise DataError(root, f"no folder for task {task.name!r} (data_dir={data_dir}); expected "
                               f"BLURB's data_generation layout <data_dir>/{task.folder}/")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blurbtune.blurb import tasks
-from blurbtune.data import SPLITS, read_split, split_path
+from blurbtune.data import SPLITS, read_split
 from blurbtune.errors import DataError
 from blurbtune.tasks import task_type
 
@@ -47,14 +47,10 @@ def check(data_dir: str | Path) -> list[SplitCheck]:
             expected = int(task.blurb.counts[split])
             known = (task.blurb.get("known_counts") or {}).get(split)
             try:
-                split_path(task, data_dir, split)
-            except DataError:
-                out.append(SplitCheck(name, split, expected, None))
-                continue
-            try:
                 examples = read_split(task, data_dir, split).examples
             except DataError as e:
-                out.append(SplitCheck(name, split, expected, None, str(e)))
+                there = Path(e.path).exists()  # else missing; there but unreadable: an error
+                out.append(SplitCheck(name, split, expected, None, str(e) if there else ""))
                 continue
             found = task_type(task.type).count(examples, task)
             if known is not None and found == int(known.found):
@@ -62,6 +58,11 @@ def check(data_dir: str | Path) -> list[SplitCheck]:
             else:
                 out.append(SplitCheck(name, split, expected, found))
     return out
+
+
+def folders() -> set[str]:
+    """The dataset folders of BLURB's layout (BIOSSES, NCBI-disease, pubmedqa...)."""
+    return {str(task.folder) for task in tasks().values()}
 
 
 def format_table(checks: list[SplitCheck]) -> str:
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(found)} of {len(tasks())} datasets found; "
           f"{sum(c.status == 'ok' for c in checks)} of {len(checks)} splits match Table 3"
           + (f", {known} more differ for a known reason." if known else "."))
+    if not found and ((root / "train.tsv").is_file() or root.name in folders()):
+        print(f"{root} looks like the folder of one dataset: give the folder that holds the "
+              f"dataset folders (here {root.resolve().parent}).")
     bad = [c for c in checks if c.status in ("missing", "error")]
     if bad:
         print(f"{len(bad)} split(s) missing or unreadable: exit status 1.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import multiprocessing as mp
 import shutil
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -28,6 +30,7 @@ from blurbtune.reproducibility import EpochPermutation, derived_seed, seed_worke
 from blurbtune.tasks import task_type
 
 META = ("example_idx", "word_offset")
+log = logging.getLogger("blurbtune")
 
 
 def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None,
@@ -46,8 +49,9 @@ def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None
         "n": len(examples), "blurbtune": __version__, "code": _encoder_code_hash(kind),
     }, sort_keys=True).encode()).hexdigest()[:20]
     target = cache_dir / f"{task.name}-{split.name}-{key}" if cache_dir else None
-    if target is not None and (target / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(target)), True
+    cached = load_cached(target, len(examples)) if target is not None else None
+    if cached is not None:
+        return cached, True
     columns = {k: [ex.get(k) for ex in examples] for k in examples[0]}
     columns["example_idx"] = list(range(len(examples)))
     raw = datasets.Dataset.from_dict(columns)
@@ -57,13 +61,63 @@ def encode_split(split: Split, tokenizer: Any, task: Any, cache_dir: Path | None
     if target is None:
         return enc, False
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    with datasets_bars_off():  # the tokenising bar said it; a saving bar adds nothing
-        enc.save_to_disk(str(tmp))
+    try:
+        with datasets_bars_off():  # the tokenising bar said it; a saving bar adds nothing
+            enc.save_to_disk(str(tmp))
+    except OSError as e:  # a full disk, a read-only cache: this run goes on without it
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not save the tokenised cache %s (%s): going on without it",
+                    target, " ".join(f"{type(e).__name__}: {e}".split()))
+        return enc, False
     try:
         tmp.rename(target)
     except OSError:  # another run of the sweep saved it first
         shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(target)), False
+    saved = load_cached(target, len(examples))
+    return (enc if saved is None else saved), False
+
+
+# What a damaged cache folder raises on loading: a truncated or missing file (OSError, pyarrow's
+# IOError), a cut JSON or arrow stream (ValueError, pyarrow's ArrowInvalid), missing keys.
+DAMAGED = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+
+
+def load_cached(target: Path, n_examples: int) -> datasets.Dataset | None:
+    """The tokenised split saved in `target`, or None when there is none.
+
+    A folder that does not load, or whose rows do not cover each of the split's `n_examples`
+    examples (a stream cut at a record boundary loads without a word), is damaged: a warning
+    names it and it is removed, so that this run and the next ones tokenise again.
+    """
+    if not target.exists():
+        return None
+    try:
+        ds = datasets.load_from_disk(str(target))
+        problem = _incomplete(ds, n_examples)
+    except DAMAGED as e:
+        problem = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+    if not problem:
+        return ds
+    log.warning("tokenised cache %s is damaged (%s): removed it; tokenising again from the data",
+                target, problem)
+    aside = target.with_name(f".{target.name}.damaged-{uuid.uuid4().hex[:8]}")
+    try:
+        target.rename(aside)  # at once, for the other runs of a sweep reading this cache
+    except FileNotFoundError:  # another run set it aside first
+        return None
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def _incomplete(ds: datasets.Dataset, n_examples: int) -> str:
+    """Why the rows of a loaded cache are not those of a split of `n_examples` ("" if they are)."""
+    missing = [c for c in ("input_ids", "labels", "example_idx") if c not in ds.column_names]
+    if missing:
+        return f"no column {missing}"
+    covered = set(ds.with_format(None)["example_idx"])
+    if covered != set(range(n_examples)):
+        return f"its rows cover {len(covered)} of the split's {n_examples} examples"
+    return ""
 
 
 def _encoder_code_hash(kind: Any) -> str:
@@ -259,7 +313,12 @@ class BlurbDataModule(pl.LightningDataModule):
         self.timing["read_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"data.cache_dir={str(self.cache_dir)!r}: cannot be a folder "
+                                  f"({e.strerror or e}); expected a folder for the tokenised "
+                                  "splits, or null for none") from None
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         for name, split in self.splits.items():
             self.encoded[name], self.from_cache[name] = encode_split(

@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from blurbtune.config import check_overrides, register_resolvers
-from blurbtune.errors import BlurbtuneError
+from blurbtune.errors import BlurbtuneError, ConfigError
+from blurbtune.settings import check_settings
 from blurbtune.threads import set_wait_policy
 
 register_resolvers()
@@ -25,6 +26,16 @@ def _main(cfg: DictConfig) -> float | None:
     """
     try:
         check_overrides(_task_overrides())
+    except BlurbtuneError as e:
+        _fail(e)
+    try:
+        check_settings(cfg)
+    except ConfigError as e:  # one job of a sweep: say so, and let the sweep go on
+        if not _in_multirun():
+            _fail(e)
+        print(f"error: {e} (run not started; the sweep goes on)", file=sys.stderr)
+        return None
+    try:
         from blurbtune.run import run  # torch, transformers, Lightning: only once a run starts
 
         score = run(cfg)
@@ -43,6 +54,13 @@ def _task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, disk quota exceeded

@@ -10,10 +10,11 @@ import pandas as pd
 
 from blurbtune.report import checks, plots, stability, stats, tables
 from blurbtune.report.collect import collect, find_results, write_runs
+from blurbtune.report.folder import ReportError, check_out, staged
 from blurbtune.report.identity import Configs
 
 
-class NoResultsError(ValueError):
+class NoResultsError(ReportError):
     """A sweep folder holds no readable results.json."""
 
     def __init__(self, message: str, errors: list[tuple[Path, str]] | None = None) -> None:
@@ -53,7 +54,9 @@ def default_out_dir(paths: list[Path]) -> Path:
 def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> Report:
     """Read the sweeps under `paths` and write the report to `out_dir` (default `<first>/report`).
 
-    Raises NoResultsError naming a folder that holds no results.json, or when none can be read.
+    The folder is written whole or not at all (report/folder.py): an `out_dir` that holds
+    anything a report does not write is refused. Raises NoResultsError naming a folder that
+    holds no results.json, or when none can be read; ReportError for an unusable `out_dir`.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -61,15 +64,17 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     for path in paths:
         if not path.exists():
             raise NoResultsError(f"{path}: no such file or folder")
+        if path.is_file() and not find_results(path):
+            raise NoResultsError(f"{path}: is a file; expected a sweep folder or a results.json")
         if not find_results(path):
             raise NoResultsError(f"{path}: no results.json found in this folder or below it")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
+    check_out(out)
     found = collect(paths)
     if found.runs.empty:
         names = ", ".join(str(p) for p in paths)
         raise NoResultsError(f"{names}: none of the results.json files could be read", found.errors)
 
-    out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
-    out.mkdir(parents=True, exist_ok=True)
     configs = found.configs
     collided = stats.seed_collisions(found.runs)
     runs = found.runs.assign(excluded=found.runs[stats.GROUP].isin(collided),
@@ -100,25 +105,30 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
         collisions=checks.collisions(collided, configs),
         notes=notes,
     )
-    varying = configs.varying
-    written = {"runs.csv": write_runs(runs, out)}
-    written |= tables.write_summary(summary, out, varying, report.collisions)
+    with staged(out) as tmp:
+        names = write(report, tmp)
+    report.written = {name: out / name for name in names}
+    return report
+
+
+def write(report: Report, out: Path) -> list[str]:
+    """Write the report's tables and plots into `out`; the names written, relative to it."""
+    varying, included = report.configs.varying, report.included
+    written = {"runs.csv": write_runs(report.runs, out)}
+    written |= tables.write_summary(report.summary, out, varying, report.collisions)
     written |= tables.write_paired(report.paired, out, varying)
     written |= tables.write_verdicts(report.verdicts, out, varying)
     written |= tables.write_expected_max(report.expected_max, out)
-    if blurb is not None and not blurb.empty:
-        written |= tables.write_blurb(blurb, out)
-    pngs = plots.plot_scores(included, configs, out)
-    pngs += plots.plot_expected_max(report.expected_max, configs, out)
+    if report.blurb is not None and not report.blurb.empty:
+        written |= tables.write_blurb(report.blurb, out)
+    pngs = plots.plot_scores(included, report.configs, out)
+    pngs += plots.plot_expected_max(report.expected_max, report.configs, out)
     for plot in (plots.plot_dev_curves, plots.plot_grad_norms):
-        drawn, note = plot(included, configs, out)
+        drawn, note = plot(included, report.configs, out)
         pngs += drawn
         if note:
-            notes.append(note)
-    for path in pngs:
-        written[path.relative_to(out).as_posix()] = path
-    report.written = written
-    return report
+            report.notes.append(note)
+    return [*written, *(path.relative_to(out).as_posix() for path in pngs)]
 
 
 def make_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Path]:

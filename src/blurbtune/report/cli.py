@@ -91,15 +91,17 @@ def _banner(title: str, lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `blurbtune report`; 0 on success, 2 when a sweep folder holds no results."""
+    """Run `blurbtune report`; 0 on success, 2 when a sweep folder holds no results or `--out`
+    cannot take the report."""
     args = parser().parse_args(argv)
-    from blurbtune.report.build import NoResultsError, build_report  # pandas, scipy, matplotlib
+    from blurbtune.report.build import build_report  # pandas, scipy, matplotlib
+    from blurbtune.report.folder import ReportError
 
     try:
         report = build_report(args.sweeps, args.out)
-    except NoResultsError as exc:
+    except ReportError as exc:
         print(f"blurbtune report: error: {exc}", file=sys.stderr)
-        for path, reason in exc.errors:
+        for path, reason in getattr(exc, "errors", []):
             print(f"  - {path}: {reason}", file=sys.stderr)
         return 2
     print_report(report)

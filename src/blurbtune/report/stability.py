@@ -9,24 +9,27 @@ For each configuration whose otherwise identical `none` configuration is in the 
   Fisher's exact test.
 
 Each is "better", "worse" or "no difference" at ALPHA on its own test (two-sided): better is a
-higher mean, a smaller std, fewer failures. The verdict is "better" when at least one is better
-and none is worse, "worse" the other way round, "mixed" when they disagree (one better, one
-worse), and "no difference at this n" when none is significant (or none could be tested).
-The paired t-test, not the Wilcoxon test of paired.csv: with 5 pairs the Wilcoxon p cannot
-go below 0.06.
+higher mean, a smaller std, fewer failures; "not tested" when the test's minimum n is not met
+(report/sample_size.py), so that no word rests on a test that cannot mean anything. The verdict
+is "better" when at least one is better and none is worse, "worse" the other way round,
+"mixed" when they disagree (one better, one worse), "no difference at this n" when none is
+significant, and "not tested at this n" when no test could be run; the dimensions not tested
+are named beside the word. The paired t-test, not the Wilcoxon test of paired.csv: with 5
+pairs the Wilcoxon p cannot go below 0.06.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from blurbtune.report import sample_size
 from blurbtune.report.identity import Configs
 from blurbtune.report.stats import (
+    ALPHA,
     GROUP,
     comparisons,
     completed,
@@ -36,15 +39,23 @@ from blurbtune.report.stats import (
     paired_test,
 )
 
-ALPHA = 0.05
 BETTER, WORSE, SAME = "better", "worse", "no difference"
+NOT_TESTED = "not tested"
 NO_DIFFERENCE = "no difference at this n"
+NOTHING_TESTED = "not tested at this n"
 MIXED = "mixed"
 DIMENSIONS = ("mean", "std", "failures")
 
 
 def spread_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Std of each (ddof=1), their ratio treated/reference and the Brown-Forsythe p."""
+    """Std of each (ddof=1), their ratio treated/reference and the Brown-Forsythe p.
+
+    NaNs are left out. No p below sample_size.BROWN_FORSYTHE_GROUP values a group, nor when
+    every group's absolute deviations from its median are equal (two values a group; all
+    values equal; half at one value and half at another): the within-group variance of the
+    deviations is then 0 and the statistic infinite or undefined. `brown_forsythe_note` says
+    which.
+    """
     treated = np.asarray(treated, float)[~np.isnan(np.asarray(treated, float))]
     reference = np.asarray(reference, float)[~np.isnan(np.asarray(reference, float))]
     std_t = float(np.std(treated, ddof=1)) if len(treated) > 1 else float("nan")
@@ -52,44 +63,65 @@ def spread_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     ratio = std_t / std_r if std_r > 0 else float("nan")
     if std_r == 0 and std_t > 0:  # no spread in `none`: any spread is infinitely more
         ratio = float("inf")
-    p = float("nan")
-    if len(treated) > 1 and len(reference) > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # all-equal samples: scipy says nan and warns
-            p = float(stats.levene(treated, reference, center="median").pvalue)
+    p, note = float("nan"), brown_forsythe_note(treated, reference)
+    if not note:
+        p = float(stats.levene(treated, reference, center="median").pvalue)
     return {"n_std": len(treated), "n_std_ref": len(reference), "std": std_t, "std_ref": std_r,
-            "std_ratio": ratio, "brown_forsythe_p": p}
+            "std_ratio": ratio, "brown_forsythe_p": p, "brown_forsythe_note": note}
+
+
+def brown_forsythe_note(*groups: np.ndarray) -> str:
+    """Why the Brown-Forsythe test cannot be run on these groups ("" when it can)."""
+    need = sample_size.BROWN_FORSYTHE_GROUP
+    if min(len(g) for g in groups) < need:
+        sizes = " vs ".join(str(len(g)) for g in groups)
+        return sample_size.too_small(sizes, f"≥{need} a group")
+    deviations = [np.abs(g - np.median(g)) for g in groups]
+    if all(np.ptp(d) <= sample_size.EQUAL for d in deviations):
+        return "deviations from the median equal within each group, test undefined"
+    return ""
 
 
 def failure_test(k: int, n: int, k_ref: int, n_ref: int) -> dict[str, Any]:
-    """Failure rates k/n and k_ref/n_ref, their difference and Fisher's exact p (two-sided)."""
+    """Failure rates k/n and k_ref/n_ref, their difference and Fisher's exact p (two-sided);
+    no p without a finished run on each side (`fisher_note` says so)."""
     rate = k / n if n else float("nan")
     rate_ref = k_ref / n_ref if n_ref else float("nan")
-    p = float("nan")
-    if n and n_ref:
+    p, note, need = float("nan"), "", sample_size.FISHER_GROUP
+    if min(n, n_ref) < need:
+        note = sample_size.too_small(f"{n} vs {n_ref} finished", f"≥{need} a group")
+    else:
         p = float(stats.fisher_exact([[k, n - k], [k_ref, n_ref - k_ref]]).pvalue)
     return {"failures": k, "finished": n, "failures_ref": k_ref, "finished_ref": n_ref,
-            "failure_rate_diff": rate - rate_ref, "fisher_p": p}
+            "failure_rate_diff": rate - rate_ref, "fisher_p": p, "fisher_note": note}
 
 
-def word(p: float, better: bool) -> str:
-    """better / worse / no difference for one test at ALPHA."""
+def word(p: float, better: bool, note: str = "") -> str:
+    """better / worse / no difference for one test at ALPHA; not tested when it has a note."""
+    if note:
+        return NOT_TESTED
     if pd.isna(p) or p >= ALPHA:
         return SAME
     return BETTER if better else WORSE
 
 
 def verdict(words: dict[str, str]) -> str:
-    """One word from the three dimensions' words, with the dimensions that decided it."""
+    """One word from the three dimensions' words, with the dimensions that decided it and
+    those that could not be tested."""
     better = [d for d in DIMENSIONS if words.get(d) == BETTER]
     worse = [d for d in DIMENSIONS if words.get(d) == WORSE]
+    untested = [d for d in DIMENSIONS if words.get(d) == NOT_TESTED]
+    if len(untested) == len(DIMENSIONS):
+        return NOTHING_TESTED
+    detail = [f"not tested: {', '.join(untested)}"] if untested else []
     if better and worse:
-        return f"{MIXED} (better: {', '.join(better)}; worse: {', '.join(worse)})"
-    if better:
-        return f"{BETTER} ({', '.join(better)})"
-    if worse:
-        return f"{WORSE} ({', '.join(worse)})"
-    return NO_DIFFERENCE
+        head, detail = MIXED, [f"better: {', '.join(better)}; worse: {', '.join(worse)}", *detail]
+    elif better or worse:
+        head, detail = (BETTER, [", ".join(better), *detail]) if better else (
+            WORSE, [", ".join(worse), *detail])
+    else:
+        head = NO_DIFFERENCE
+    return f"{head} ({'; '.join(detail)})" if detail else head
 
 
 def compare(group: pd.DataFrame, reference: pd.DataFrame, column: str = "test_best"
@@ -103,19 +135,22 @@ def compare(group: pd.DataFrame, reference: pd.DataFrame, column: str = "test_be
     fails = failure_test(int(is_failure(done).sum()), len(done),
                          int(is_failure(done_ref).sum()), len(done_ref))
     words = {
-        "mean": word(mean["ttest_p"], mean["mean_diff"] > 0),
-        "std": word(spread["brown_forsythe_p"], spread["std_ratio"] < 1),
-        "failures": word(fails["fisher_p"], fails["failure_rate_diff"] < 0),
+        "mean": word(mean["ttest_p"], mean["mean_diff"] > 0, mean["ttest_note"]),
+        "std": word(spread["brown_forsythe_p"], spread["std_ratio"] < 1,
+                    spread["brown_forsythe_note"]),
+        "failures": word(fails["fisher_p"], fails["failure_rate_diff"] < 0, fails["fisher_note"]),
     }
-    return ({"n_pairs": mean["n"], "mean_diff": mean["mean_diff"], "ttest_p": mean["ttest_p"]}
+    return ({"n_pairs": mean["n"], "mean_diff": mean["mean_diff"], "ttest_p": mean["ttest_p"],
+             "ttest_note": mean["ttest_note"]}
             | spread | fails | {f"{d}_word": w for d, w in words.items()}
             | {"verdict": verdict(words)})
 
 
 VERDICT_COLUMNS = [
-    GROUP, "ref_config", "n_pairs", "mean_diff", "ttest_p",
-    "n_std", "n_std_ref", "std", "std_ref", "std_ratio", "brown_forsythe_p",
+    GROUP, "ref_config", "n_pairs", "mean_diff", "ttest_p", "ttest_note",
+    "n_std", "n_std_ref", "std", "std_ref", "std_ratio", "brown_forsythe_p", "brown_forsythe_note",
     "failures", "finished", "failures_ref", "finished_ref", "failure_rate_diff", "fisher_p",
+    "fisher_note",
     "mean_word", "std_word", "failures_word", "verdict",
 ]  # fmt: skip
 

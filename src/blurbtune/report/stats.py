@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from blurbtune.report import sample_size
 from blurbtune.report.identity import Configs
 
 # One group = one configuration (report/identity.py), run over several seeds.
@@ -28,6 +29,7 @@ REFERENCE_STABILIZER = "none"
 FINISHED = ("completed", "diverged")
 
 CONFIDENCE = 0.95
+ALPHA = 0.05  # every test is two-sided at this level
 BOOTSTRAP_METHOD = "percentile"
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -90,12 +92,14 @@ def bootstrap_ci(
     seed: int = BOOTSTRAP_SEED,
     n_resamples: int = BOOTSTRAP_RESAMPLES,
     statistic: Callable[..., Any] = np.mean,
+    min_n: int | None = None,
 ) -> tuple[float, float]:
     """Seeded percentile bootstrap confidence interval of `statistic` (default the mean);
-    NaNs when there are < 2 values."""
+    NaNs below `min_n` values (default: what an interval of the mean needs, see
+    `bootstrap_note`). NaN values are left out."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
-    if len(values) < 2:
+    if bootstrap_note(len(values), statistic, confidence, min_n):
         return float("nan"), float("nan")
     kwargs: dict[str, Any] = dict(
         statistic=statistic,
@@ -108,6 +112,16 @@ def bootstrap_ci(
     except TypeError:  # scipy < 1.15 has no `rng`
         result = stats.bootstrap((values,), random_state=np.random.default_rng(seed), **kwargs)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def bootstrap_note(n: int, statistic: Callable[..., Any] = np.mean,
+                   confidence: float = CONFIDENCE, min_n: int | None = None) -> str:
+    """Why an interval of `statistic` over n values has no bounds ("" when it has them): the
+    mean needs sample_size.bootstrap_mean_min values, the std bootstrap_std_min."""
+    if min_n is None:
+        min_n = (sample_size.bootstrap_std_min(confidence) if statistic is sample_std
+                 else sample_size.bootstrap_mean_min(confidence))
+    return sample_size.too_small(str(n), f"≥{min_n}") if n < min_n else ""
 
 
 def _describe(values: pd.Series, prefix: str, full: bool = True) -> dict[str, float]:
@@ -123,8 +137,12 @@ def _describe(values: pd.Series, prefix: str, full: bool = True) -> dict[str, fl
 
 
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (no continuity correction); NaNs when n = 0."""
-    if n == 0:
+    """Wilson score interval of a proportion k/n (no continuity correction); NaNs when n = 0.
+
+    Unlike the Wald interval it is neither empty nor zero-width at k = 0 or k = n, so it needs
+    no more than one observation (sample_size.WILSON_N).
+    """
+    if n < sample_size.WILSON_N:
         return float("nan"), float("nan")
     ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence,
                                                        method="wilson")
@@ -144,6 +162,7 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
     std_low, std_high = bootstrap_ci(done["test_best"].to_numpy(), statistic=sample_std)
     n_finished, failures = len(finished(group)), int(is_failure(group).sum())
     fail_low, fail_high = wilson_interval(failures, n_finished)
+    n = int(done["test_best"].notna().sum())
     return {
         "task_type": group["task_type"].iloc[0] if len(group) else None,
         "metric": group["metric"].iloc[0] if len(group) else None,
@@ -151,12 +170,14 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
         "completed": len(done),
         "failed": int((~status.isin(["completed", "running"])).sum()),
         "running": int((status == "running").sum()),
-        "n": int(done["test_best"].notna().sum()),
+        "n": n,
         **_describe(done["test_best"], "test_best"),
         "test_best_ci_low": low,
         "test_best_ci_high": high,
+        "test_best_ci_note": bootstrap_note(n),
         "test_best_std_ci_low": std_low,
         "test_best_std_ci_high": std_high,
+        "test_best_std_ci_note": bootstrap_note(n, sample_std),
         **_describe(done["test_last"], "test_last"),
         **_describe(done["dev_best"], "dev_best", full=False),
         "degenerate": int(is_degenerate(group).sum()),
@@ -166,6 +187,8 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
         "failure_rate": failures / n_finished if n_finished else float("nan"),
         "failure_ci_low": fail_low,
         "failure_ci_high": fail_high,
+        "failure_ci_note": "" if n_finished >= sample_size.WILSON_N
+        else sample_size.too_small(f"{n_finished} finished", f"≥{sample_size.WILSON_N}"),
     }
 
 
@@ -231,12 +254,21 @@ def expected_max_table(runs: pd.DataFrame, configs: Configs, column: str = "dev_
     return configs.describe(frame)
 
 
-def paired_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Compare paired scores: mean difference, wins/ties/losses, Wilcoxon and paired t-test p."""
+def paired_test(treated: np.ndarray, reference: np.ndarray, alpha: float = ALPHA
+                ) -> dict[str, Any]:
+    """Compare paired scores: mean difference, wins/ties/losses, Wilcoxon and paired t-test p.
+
+    A pair with a NaN on either side is left out. Below a test's minimum (a t-test needs
+    2 pairs whose differences are not all equal, the Wilcoxon test enough non-zero
+    differences to reach p < alpha: sample_size.wilcoxon_min) its p is NaN and its note says
+    why.
+    """
     treated, reference = np.asarray(treated, float), np.asarray(reference, float)
+    keep = ~(np.isnan(treated) | np.isnan(reference))
+    treated, reference = treated[keep], reference[keep]
     diff = treated - reference
     n = len(diff)
-    tie = np.isclose(diff, 0.0, rtol=0.0, atol=1e-12)
+    tie = np.abs(diff) <= sample_size.EQUAL
     out: dict[str, Any] = {
         "n": n,
         "mean_diff": float(diff.mean()) if n else float("nan"),
@@ -244,13 +276,25 @@ def paired_test(treated: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
         "ties": int(tie.sum()),
         "losses": int((diff < 0)[~tie].sum()),
         "wilcoxon_p": float("nan"),
+        "wilcoxon_note": "",
         "ttest_p": float("nan"),
+        "ttest_note": "",
     }
+    nonzero, need = int((~tie).sum()), sample_size.wilcoxon_min(alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if (~tie).sum() >= 1 and n >= 2:
-            out["wilcoxon_p"] = float(stats.wilcoxon(treated, reference).pvalue)
-        if n >= 2 and np.std(diff) > 0:
+        if nonzero < need:
+            out["wilcoxon_note"] = sample_size.too_small(
+                sample_size.plural(nonzero, "non-zero difference"), f"≥{need}")
+        else:  # differences within rounding of each other are one value, of one rank
+            rounded = np.where(tie, 0.0, np.round(diff, 12))
+            out["wilcoxon_p"] = float(stats.wilcoxon(rounded).pvalue)
+        if n < sample_size.TTEST_PAIRS:
+            out["ttest_note"] = sample_size.too_small(sample_size.plural(n, "pair"),
+                                                      f"≥{sample_size.TTEST_PAIRS}")
+        elif np.ptp(diff) <= sample_size.EQUAL:
+            out["ttest_note"] = f"all {n} differences equal, t undefined"
+        else:
             out["ttest_p"] = float(stats.ttest_rel(treated, reference).pvalue)
     return out
 
@@ -289,7 +333,7 @@ def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test
         rows.append({GROUP: config, "ref_config": ref} | result
                     | {"seeds": " ".join(str(_as_int(s)) for s in pairs["seed"])})
     columns = [GROUP, "ref_config", "n", "mean_diff", "wins", "ties", "losses", "wilcoxon_p",
-               "ttest_p", "seeds"]
+               "wilcoxon_note", "ttest_p", "ttest_note", "seeds"]
     return configs.describe(pd.DataFrame(rows, columns=columns))
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blurbtune.report.stability import ALPHA
+from blurbtune.report import sample_size
 from blurbtune.report.stats import (
+    ALPHA,
     BOOTSTRAP_METHOD,
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -46,6 +47,29 @@ def p_value(value: Any) -> str:
     if pd.isna(value):
         return MISSING
     return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def note_of(row: pd.Series, column: str) -> str:
+    """A test's or interval's note (why it has no p or bounds), "" when it has none; reports
+    written before the notes existed have no such column."""
+    value = row.get(column, "")
+    return "" if pd.isna(value) else str(value)
+
+
+def claim(row: pd.Series, test: str, sizes: str) -> str:
+    """`p=0.123, n=5 vs 5`, or the note saying why the test has no p (`n too small: 2 vs 2,
+    needs ≥3 a group`; another reason is followed by the sizes)."""
+    note = note_of(row, f"{test}_note")
+    if note.startswith(sample_size.TOO_SMALL):
+        return note
+    return ", ".join(part for part in (note or f"p={p_value(row[f'{test}_p'])}", sizes) if part)
+
+
+def interval(row: pd.Series, prefix: str, show: Any = x100) -> str:
+    """`[low, high]` of `<prefix>_low/_high`, or its note (`n too small: ...`), or "-"."""
+    if pd.notna(row[f"{prefix}_low"]):
+        return f"[{show(row[f'{prefix}_low'])}, {show(row[f'{prefix}_high'])}]"
+    return note_of(row, f"{prefix}_note") or MISSING
 
 
 def percent(value: Any) -> str:
@@ -88,11 +112,7 @@ def summary_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.Da
                 else f"{x100(row['test_best_median'])} "
                 f"[{x100(row['test_best_min'])}, {x100(row['test_best_max'])}]"
             ),
-            f"{CONFIDENCE:.0%} CI": (
-                MISSING
-                if pd.isna(row["test_best_ci_low"])
-                else f"[{x100(row['test_best_ci_low'])}, {x100(row['test_best_ci_high'])}]"
-            ),
+            f"{CONFIDENCE:.0%} CI": interval(row, "test_best_ci"),
             "Test last": mean_std(row["test_last_mean"], row["test_last_std"]),
             "Dev best": mean_std(row["dev_best_mean"], row["dev_best_std"]),
             "Degenerate": str(row["degenerate"]),
@@ -113,8 +133,8 @@ def paired_display(paired: pd.DataFrame, varying: Sequence[str] = ()) -> pd.Data
                 "n": str(row["n"]),
                 "Mean diff": f"{100 * row['mean_diff']:+.{DIGITS}f}",
                 "W/T/L": f"{row['wins']}/{row['ties']}/{row['losses']}",
-                "Wilcoxon p": p_value(row["wilcoxon_p"]),
-                "t-test p": p_value(row["ttest_p"]),
+                "Wilcoxon p": note_of(row, "wilcoxon_note") or p_value(row["wilcoxon_p"]),
+                "t-test p": note_of(row, "ttest_note") or p_value(row["ttest_p"]),
             }
         )
     return pd.DataFrame(rows)
@@ -125,13 +145,13 @@ def stability_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.
     show_knobs = bool(summary["knobs"].astype(bool).any()) if len(summary) else False
     rows = []
     for _, row in summary.iterrows():
-        rate = MISSING
+        rate = interval(row, "failure_ci", percent)
         if row["finished"]:
-            rate = (f"{percent(row['failure_rate'])} "
-                    f"[{percent(row['failure_ci_low'])}, {percent(row['failure_ci_high'])}]")
+            rate = f"{percent(row['failure_rate'])} {rate}"
         std = x100(row["test_best_std"])
-        if pd.notna(row["test_best_std_ci_low"]):
-            std += f" [{x100(row['test_best_std_ci_low'])}, {x100(row['test_best_std_ci_high'])}]"
+        if pd.notna(row["test_best_std"]):
+            ci = interval(row, "test_best_std_ci")
+            std += f" {ci}" if ci.startswith("[") else f" ({ci})"
         rows.append(
             config_cells(row, varying, show_knobs)
             | {
@@ -152,7 +172,8 @@ STABILITY_NOTE = (
     "over the n completed runs' test scores (best dev checkpoint), degenerate runs included; "
     "diverged runs have no test score and are in neither. Std CI: "
     f"{CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap ({BOOTSTRAP_RESAMPLES} resamples, "
-    f"seed {BOOTSTRAP_SEED}).\n"
+    f"seed {BOOTSTRAP_SEED}); below {sample_size.bootstrap_std_min(CONFIDENCE)} runs it cannot "
+    "cover the true std even at its widest, and the cell says n too small.\n"
 )
 
 
@@ -166,26 +187,24 @@ def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.D
     """The verdict table as strings: every claim with its p-value and n."""
     rows = []
     for _, row in verdicts.iterrows():
+        mean = claim(row, "ttest", f"n={row['n_pairs']} pairs")
+        spread = claim(row, "brown_forsythe", f"n={row['n_std']} vs {row['n_std_ref']}")
         rows.append(
             config_cells(row, varying)
             | {
-                "Δ mean (x100)": f"{100 * row['mean_diff']:+.{DIGITS}f} "
-                f"(p={p_value(row['ttest_p'])}, n={row['n_pairs']} pairs)"
-                if pd.notna(row["mean_diff"])
-                else f"{MISSING} (n=0 pairs)",
-                "Std ratio": f"{_ratio(row['std_ratio'])} (p={p_value(row['brown_forsythe_p'])}, "
-                f"n={row['n_std']} vs {row['n_std_ref']})",
+                "Δ mean (x100)": f"{_points(row['mean_diff'], DIGITS, '')} ({mean})",
+                "Std ratio": f"{_ratio(row['std_ratio'])} ({spread})",
                 "Failures": f"{row['failures']}/{row['finished']} vs "
                 f"{row['failures_ref']}/{row['finished_ref']} "
-                f"({_points(row['failure_rate_diff'])}, p={p_value(row['fisher_p'])})",
+                f"({_points(row['failure_rate_diff'])}, {claim(row, 'fisher', '')})",
                 "Verdict": row["verdict"],
             }
         )
     return pd.DataFrame(rows)
 
 
-def _points(value: Any) -> str:
-    return MISSING if pd.isna(value) else f"{100 * float(value):+.0f} pp"
+def _points(value: Any, digits: int = 0, unit: str = " pp") -> str:
+    return MISSING if pd.isna(value) else f"{100 * float(value):+.{digits}f}{unit}"
 
 
 VERDICT_NOTE = (
@@ -197,7 +216,10 @@ VERDICT_NOTE = (
     f"two-sided at alpha {ALPHA}; better = higher mean, smaller std, fewer failures. Verdict: "
     "better (or worse) when at least one test says so and none says the opposite, mixed when "
     "they disagree, 'no difference at this n' when none is significant: not evidence of no "
-    "effect.\n"
+    f"effect. A test below its minimum n (t-test {sample_size.TTEST_PAIRS} pairs, "
+    f"Brown-Forsythe {sample_size.BROWN_FORSYTHE_GROUP} runs a group, Fisher "
+    f"{sample_size.FISHER_GROUP} finished run a group) says n too small and decides nothing "
+    "(not tested).\n"
 )
 
 
@@ -274,7 +296,8 @@ def summary_markdown(summary: pd.DataFrame, varying: Sequence[str] = (),
     """The summary table in Markdown, with a line on how to read it."""
     note = (
         "Scores x100 over completed runs: mean ± sample std. "
-        f"CI: {CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap of the mean test score. "
+        f"CI: {CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap of the mean test score (needs "
+        f"{sample_size.bootstrap_mean_min(CONFIDENCE)} runs to be able to cover the mean). "
         "Degenerate: completed runs no better than the constant predictor on test, "
         "or with constant test predictions (they stay in the means).\n"
     )
@@ -328,8 +351,10 @@ def write_paired(paired: pd.DataFrame, out_dir: Path, varying: Sequence[str] = (
     note = (
         f"Each stabilizer minus `{REFERENCE_STABILIZER}` on test (best dev checkpoint), over the "
         "seeds both completed; W/T/L = wins/ties/losses. Two-sided Wilcoxon signed-rank "
-        "(zero differences dropped) and paired t-test. With n <= 5 pairs the Wilcoxon p "
-        "cannot go below 0.06.\n"
+        "(zero differences dropped) and paired t-test. Below "
+        f"{sample_size.wilcoxon_min(ALPHA)} non-zero differences the Wilcoxon p cannot go under "
+        f"{ALPHA}, and the t-test needs {sample_size.TTEST_PAIRS} pairs whose differences are "
+        "not all equal: below, the cell says why instead of a p.\n"
     )
     return _write_csv_and_md(paired, out_dir, "paired",
                              markdown_table(paired_display(paired, varying)) + "\n" + note)

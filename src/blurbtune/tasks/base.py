@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from blurbtune.errors import DataError
 
@@ -98,9 +99,42 @@ def label_index(task: Any, value: str, path: Path, line: int) -> int:
         raise DataError(path, f"unknown label {value!r}; expected one of {labels}", line) from None
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+@contextmanager
+def open_text(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """A data file opened as UTF-8 (a leading byte-order mark is skipped). A byte that is not
+    UTF-8, met anywhere while the block reads, is a DataError naming its line; so is a file
+    that cannot be read (a folder, no permission)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError:
+        raise not_utf8(Path(path)) from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or e}); expected a UTF-8 text "
+                              "file") from None
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8: line, column and value of its first bad byte."""
+    data = path.read_bytes()
+    skip = len(BOM) if data.startswith(BOM) else 0
+    try:
+        data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line_start = data.rfind(b"\n", 0, at) + 1
+        return DataError(path, f"byte 0x{data[at]:02x} at column {at - line_start + 1} is not "
+                               f"UTF-8 ({e.reason}); expected UTF-8 text (re-save the file as "
+                               "UTF-8)", data.count(b"\n", 0, at) + 1)
+    return DataError(path, "could not be decoded as UTF-8")  # the file changed meanwhile
+
+
 def read_tsv(path: Path, columns: int, header: Sequence[str] | None) -> Iterator[tuple[int, list]]:
     """Yield (line number, fields) of a tab-separated file, checking the column count."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         for row in reader:
             line = reader.line_num

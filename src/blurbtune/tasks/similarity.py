@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,9 @@ class Similarity(SequenceTask):
             try:
                 value = float(score)
             except ValueError:
-                raise DataError(path, f"expected a numeric score, got {score!r}", line) from None
+                value = math.nan
+            if not math.isfinite(value):  # a NaN gold score would read as a diverged run
+                raise DataError(path, f"expected a numeric score, got {score!r}", line)
             examples.append({"id": pair_id, "text": s1, "text_pair": s2, "gold": value})
         return examples
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from blurbtune.errors import DataError
-from blurbtune.tasks.base import Example, Rows, TaskType, label_index, register
+from blurbtune.tasks.base import Example, Rows, TaskType, label_index, open_text, register
 
 
 def read_conll(path: Path, task: Any) -> list[Example]:
@@ -31,7 +31,7 @@ def read_conll(path: Path, task: Any) -> list[Example]:
             sent += 1
         words, tags = [], []
 
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line_no, raw in enumerate(f, start=1):
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip():
