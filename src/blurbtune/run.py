@@ -62,6 +62,7 @@ from blurbtune.resume import (
     remove_checkpoints,
     set_aside,
 )
+from blurbtune.settings import check_settings
 from blurbtune.stabilizer_config import (  # noqa: F401  (stabilizer_knobs: re-exported)
     apply_stabilizers,
     check_stabilizer,
@@ -104,6 +105,7 @@ def run(cfg: DictConfig) -> float:
     asked to stop (a stopping sweep). Refused, with a line naming the folder and what differs:
     a folder that holds a run of another configuration, or a record that cannot be read.
     """
+    check_settings(cfg)  # as the command line does: a direct call (verify, a notebook) too
     planned = members.plan(cfg)
     if len(planned) > 1:
         stacking.check_stackable(cfg)
