@@ -6,9 +6,16 @@ dev evaluation every epoch, the best-on-dev weights kept and scored on test, and
 file written per run; both start from an empty tokenisation cache:
 
   blurbtune  `python train.py -m stabilizer=A,B seed=0,1 ...`: one process for the sweep
+  blurbtune-parallel  the same with `hydra/launcher=parallel` (joblib, `--jobs` runs at once,
+             `--threads` torch threads each)
+  blurbtune-stacked   the same with `hydra/sweeper=stacked hydra.sweeper.size=--stack-size`:
+             each stabilizer's seeds trained together in one process (stacked weights)
   trainer    `python bench_sweep.py --trainer-run ...` once per run, one after the other, as a
              user loops over a Trainer script (dynamic padding, `load_best_model_at_end`,
              the stabilizer applied with blurbtune's own function)
+
+Each side also reports its peak resident memory: the largest of its processes (for the
+stacked side, that of the process holding a whole stack).
 
 Timed end to end (start-up, data, training, evaluation, writing). Each run also stamps when
 it started, when its first optimizer step ended and when it ended, which gives each run's
@@ -153,7 +160,24 @@ def _env(stamps: Path, threads: int, code: Path = ROOT) -> dict:
                                            os.environ.get("PYTHONPATH", "")])}
 
 
-def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
+def _peak_rss_run(cmd: list[str], log: Any, env: dict) -> int:
+    """Run `cmd`; return the peak resident memory (bytes) of the largest process it started
+    (itself or any process it waited for), measured by a fresh parent process."""
+    probe = ("import resource, subprocess, sys; "
+             "code = subprocess.run(sys.argv[1:]).returncode; "
+             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], stdout=subprocess.PIPE,
+                          stderr=log, text=True, env=env)
+    log.write(done.stdout)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, cmd)
+    kb = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return int(kb[-1]) * 1024
+
+
+def side_blurbtune(args: argparse.Namespace, work: Path, name: str = "blurbtune",
+                   extra: tuple[str, ...] = ()) -> dict:
     stamps = work / "blurbtune.jsonl"
     cmd = [sys.executable, str(Path(args.code) / "train.py"), "-m", f"model={args.model}",
            f"task={args.task}", f"stabilizer={','.join(args.stabilizers)}",
@@ -162,11 +186,10 @@ def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
            f"data.max_eval_examples={args.eval_examples}", "trainer=cpu",
            f"trainer.max_epochs={args.epochs}", "+trainer.enable_progress_bar=false",
            "+trainer.callbacks=[{_target_: bench_sweep.make_stamp_callback}]",
-           f"hydra.sweep.dir={work / 'blurbtune'}", *args.blurbtune_overrides]
+           f"hydra.sweep.dir={work / 'blurbtune'}", *args.blurbtune_overrides, *extra]
     t0 = time.time()
-    with open(Path(args.out) / "logs" / "sweep-blurbtune.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=_env(stamps, args.threads, args.code))
+    with open(Path(args.out) / "logs" / f"sweep-{name}.log", "w") as log:
+        peak = _peak_rss_run(cmd, log, _env(stamps, args.threads, args.code))
     wall = time.time() - t0
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
     # A run ends with its last test; the next run starts there.
@@ -175,12 +198,23 @@ def side_blurbtune(args: argparse.Namespace, work: Path) -> dict:
         mine = [e for e in events if e["run"] == run]
         runs.append(_per_run(mine, start, mine[-1]["t"]))
         start = mine[-1]["t"]
-    return {"wall_s": wall, "runs": runs}
+    return {"wall_s": wall, "runs": runs, "peak_rss": peak}
+
+
+def side_parallel(args: argparse.Namespace, work: Path) -> dict:
+    return side_blurbtune(args, work, "blurbtune-parallel", (
+        "hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.jobs}"))
+
+
+def side_stacked(args: argparse.Namespace, work: Path) -> dict:
+    return side_blurbtune(args, work, "blurbtune-stacked", (
+        "hydra/sweeper=stacked", f"hydra.sweeper.size={args.stack_size or len(args.seeds)}"))
 
 
 def side_trainer(args: argparse.Namespace, work: Path) -> dict:
     stamps = work / "trainer.jsonl"
     t0 = time.time()
+    peak = 0
     with open(Path(args.out) / "logs" / "sweep-trainer.log", "w") as log:
         for stab in args.stabilizers:
             for seed in args.seeds:
@@ -190,8 +224,7 @@ def side_trainer(args: argparse.Namespace, work: Path) -> dict:
                        str(args.train_examples), "--eval-examples", str(args.eval_examples),
                        "--epochs", str(args.epochs), "--threads", str(args.threads),
                        "--run-out", str(work / "trainer" / f"{stab}-{seed}")]
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                               env=_env(stamps, args.threads))
+                peak = max(peak, _peak_rss_run(cmd, log, _env(stamps, args.threads)))
     wall = time.time() - t0
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
     runs = []
@@ -199,7 +232,7 @@ def side_trainer(args: argparse.Namespace, work: Path) -> dict:
         mine = [e for e in events if e["pid"] == pid]
         start = next(e for e in mine if e["event"] == "start")["t0"]
         runs.append(_per_run(mine, start, mine[-1]["t"]))
-    return {"wall_s": wall, "runs": runs}
+    return {"wall_s": wall, "runs": runs, "peak_rss": peak}
 
 
 def _per_run(events: list[dict], start: float, end: float) -> dict:
@@ -226,7 +259,12 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sides", default="trainer,blurbtune", help="order in which the sides run")
+    p.add_argument("--sides", default="trainer,blurbtune",
+                   help="which sides run, in this order: trainer, blurbtune, blurbtune-parallel, "
+                        "blurbtune-stacked")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (blurbtune-parallel)")
+    p.add_argument("--stack-size", type=int, default=0,
+                   help="members per stack (blurbtune-stacked; default: all the seeds)")
     p.add_argument("--repeats", type=int, default=1, help="run the sides this many times (ABAB)")
     p.add_argument("--out", default="outputs/benchmark")
     p.add_argument("--code", default=str(ROOT),
@@ -245,7 +283,8 @@ def main() -> None:
     args.stabilizers = args.stabilizers.split(",")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     (Path(args.out) / "logs").mkdir(parents=True, exist_ok=True)
-    sides = {"trainer": side_trainer, "blurbtune": side_blurbtune}
+    sides = {"trainer": side_trainer, "blurbtune": side_blurbtune,
+             "blurbtune-parallel": side_parallel, "blurbtune-stacked": side_stacked}
     results: dict[str, list] = {s: [] for s in args.sides.split(",")}
     n = len(args.stabilizers) * len(args.seeds)
     print(f"sweep: {args.model} / {args.task}, stabilizers {args.stabilizers} x seeds "
@@ -259,10 +298,12 @@ def main() -> None:
             results[side].append(r)
             fixed = [x["fixed_s"] for x in r["runs"]]
             print(f"[{rep}] {side:9s} wall {r['wall_s']:6.1f}s  per-run fixed cost "
-                  + " ".join(f"{f:.1f}" for f in fixed) + " s", flush=True)
-    lines = ["| repeat | side | sweep wall s | runs | per-run fixed s (each run) | "
-             "per-run setup s (each run) | typical step s | x trainer |",
-             "|---|---|---|---|---|---|---|---|"]
+                  + " ".join(f"{f:.1f}" for f in fixed) + f" s  peak RSS "
+                  f"{r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    first = next(iter(results))
+    lines = ["| repeat | side | sweep wall s | trainers | per-trainer fixed s | "
+             "per-trainer setup s | typical step s | peak RSS MiB | x trainer | "
+             f"x {first} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rep in range(args.repeats):
         base = results.get("trainer", [None] * args.repeats)[rep]
         for side, rs in results.items():
@@ -272,7 +313,8 @@ def main() -> None:
             lines.append(f"| {rep} | {side} | {r['wall_s']:.1f} | {len(r['runs'])} | "
                          + ", ".join(f"{x['fixed_s']:.1f}" for x in r["runs"]) + " | "
                          + ", ".join(f"{x.get('setup_s', float('nan')):.1f}" for x in r["runs"])
-                         + f" | {steps:.3f} | {ratio:.2f} |")
+                         + f" | {steps:.3f} | {r['peak_rss'] / 2**20:.0f} | {ratio:.2f} | "
+                         f"{results[first][rep]['wall_s'] / r['wall_s']:.2f} |")
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(args.out)
