@@ -105,3 +105,26 @@ def test_the_load_report_stays_when_an_encoder_key_is_missing(tmp_path: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     raw = done.stdout + done.stderr
     assert "LOAD REPORT" in raw and dropped.split(".", 1)[-1] in raw
+
+
+@pytest.mark.slow
+def test_a_stack_prints_one_bar_an_epoch_and_each_members_summary(tmp_path: Path,
+                                                                  checkpoint: Path) -> None:
+    done = train(tmp_path, f"model.name_or_path={checkpoint}", "stack=[0,1,2]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw = done.stdout + done.stderr
+    for noise in GONE:
+        assert noise not in raw, noise
+    lines = visible_lines(raw)
+    stack = [re.compile(r"^stack of 3: seeds 0, 1, 2, trained together; one folder each$"),
+             re.compile(r"^stack of 3 \(seeds 0, 1, 2\): 3 completed; dev pearson best min "
+                        r"-?\d\.\d{4}, median -?\d\.\d{4}, max -?\d\.\d{4}$"),
+             re.compile(r"^biosses / tiny / none / seed [012]: dev pearson best ")]
+    strays = [line for line in lines if not any(p.search(line) for p in (*ALLOWED, *stack))]
+    assert strays == []
+    bars = [line for line in lines if re.match(r"^epoch [12]/2: 100%", line)]
+    assert len({line[:11] for line in bars}) == 2  # one bar per epoch, for the whole stack
+    assert re.search(r"train/loss=[\d.]+, dev min=-?[\d.]+, dev med=-?[\d.]+, "
+                     r"dev max=-?[\d.]+", bars[-1])  # the members' dev metric on its line
+    summaries = [line for line in lines if line.startswith("biosses / tiny / none / seed ")]
+    assert sorted(line.split(":")[0][-1] for line in summaries) == ["0", "1", "2"]
