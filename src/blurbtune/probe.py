@@ -80,7 +80,8 @@ def peak_memory(cfg: Any, members: int, device: str) -> int:
     optimizer = torch.optim.AdamW([p for p in skeleton.parameters() if p.requires_grad])
     if members > 1:
         gens = [torch.Generator(device=device).manual_seed(k) for k in range(members)]
-        loss = stacking.forward(skeleton, stacked, inputs, False, gens).loss.sum()
+        loss = stacking.forward(skeleton, stacked, inputs, False, gens,
+                                stacking.mask_form(skeleton)).loss.sum()
     else:
         loss = skeleton(**inputs).loss
     loss.backward()
