@@ -7,12 +7,16 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from functools import cache
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from report_runs import write_run
 from scipy import integrate, optimize
 from scipy import stats as sps
 
+from blurbtune.report import make_report
 from blurbtune.report import power as pw
 
 ALPHA, POWER = 0.05, 0.8
@@ -209,3 +213,40 @@ def test_failure_mde_hand_worked_at_five_a_group() -> None:
 def test_failure_mde_needs_a_finished_run_a_group() -> None:
     assert all(np.isnan(pw.failure_mde(0, 0, 5)))
     assert all(np.isnan(pw.failure_mde(0, 5, 0)))
+
+
+# --- in the report ------------------------------------------------------------------------
+
+def report(tmp_path: Path, none: list[float], llrd: list[float]) -> tuple[pd.Series, str]:
+    root = tmp_path / "sweep"
+    for stabilizer, values in (("none", none), ("llrd", llrd)):
+        for seed, score in enumerate(values):
+            write_run(root, stabilizer=stabilizer, seed=seed, test=(score, score),
+                      dev=(score, score))
+    written = make_report([root], tmp_path / "report")
+    return pd.read_csv(written["verdict.csv"]).iloc[0], written["verdict.md"].read_text()
+
+
+def test_verdict_row_carries_the_power_line(tmp_path: Path) -> None:
+    none = [0.70, 0.74, 0.78, 0.72, 0.76, 0.71, 0.75, 0.73, 0.77, 0.69]
+    llrd = [0.73, 0.74, 0.80, 0.71, 0.79, 0.70, 0.79, 0.72, 0.80, 0.74]
+    row, md = report(tmp_path, none, llrd)
+    sd = np.std(np.subtract(llrd, none), ddof=1)  # of the paired differences, not the scores
+    assert t_power_by_integral(row.mean_mde, sd, 10) == pytest.approx(POWER, abs=1e-6)
+    assert (row.std_ratio_mde_down, row.std_ratio_mde_up) == pytest.approx(pw.std_ratio_mde(10, 10))
+    assert np.isnan(row.fail_mde_down)  # none failed: no lower rate
+    assert brute_power(row.fail_mde_up, 0.0, 10, 10) == pytest.approx(POWER, abs=1e-9)
+    cell = (f"| |Δ mean| ≥ {100 * row.mean_mde:.1f}; std ratio ≤ {row.std_ratio_mde_down:.2f} "
+            f"or ≥ {row.std_ratio_mde_up:.2f}; failure rate +{100 * row.fail_mde_up:.0f} pp / "
+            "none lower at this n |").replace("|Δ mean|", "\\|Δ mean\\|")
+    assert cell in md
+    assert "Detectable at this n (α 0.05, power 0.8)" in md
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scipy on the degenerate input
+def test_no_p_no_power_the_cell_says_why(tmp_path: Path) -> None:
+    row, md = report(tmp_path, [0.70, 0.74], [0.70, 0.7424])
+    assert np.isnan(row.std_ratio_mde_down) and np.isnan(row.std_ratio_mde_up)
+    assert row.brown_forsythe_note == "n too small: 2 vs 2, needs ≥3 a group"
+    assert "std ratio: n too small: 2 vs 2, needs ≥3 a group" in md
+    assert np.isfinite(row.mean_mde)  # 2 pairs are enough for the t-test
