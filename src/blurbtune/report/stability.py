@@ -16,6 +16,9 @@ is "better" when at least one is better and none is worse, "worse" the other way
 significant, and "not tested at this n" when no test could be run; the dimensions not tested
 are named beside the word. The paired t-test, not the Wilcoxon test of paired.csv: with 5
 pairs the Wilcoxon p cannot go below 0.06.
+
+Beside each, the smallest difference its test could detect at this n (report/power.py); none
+where the test has no p.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from blurbtune.report import sample_size
+from blurbtune.report import power, sample_size
 from blurbtune.report.identity import Configs
 from blurbtune.report.stats import (
     ALPHA,
@@ -134,6 +137,15 @@ def compare(group: pd.DataFrame, reference: pd.DataFrame, column: str = "test_be
     done, done_ref = finished(group), finished(reference)
     fails = failure_test(int(is_failure(done).sum()), len(done),
                          int(is_failure(done_ref).sum()), len(done_ref))
+    diff = (pairs[column] - pairs[f"{column}_ref"]).to_numpy()
+    sd_diff = float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan")
+    detectable = power.detectable(sd_diff, mean["n"], spread["n_std"], spread["n_std_ref"],
+                                  fails["failures_ref"], fails["finished"], fails["finished_ref"])
+    notes = {"ttest": mean["ttest_note"], "brown_forsythe": spread["brown_forsythe_note"],
+             "fisher": fails["fisher_note"]}
+    for test, columns in power.COLUMNS.items():  # no p, no power: the note says why
+        if notes[test]:
+            detectable |= dict.fromkeys(columns, float("nan"))
     words = {
         "mean": word(mean["ttest_p"], mean["mean_diff"] > 0, mean["ttest_note"]),
         "std": word(spread["brown_forsythe_p"], spread["std_ratio"] < 1,
@@ -143,7 +155,7 @@ def compare(group: pd.DataFrame, reference: pd.DataFrame, column: str = "test_be
     return ({"n_pairs": mean["n"], "mean_diff": mean["mean_diff"], "ttest_p": mean["ttest_p"],
              "ttest_note": mean["ttest_note"]}
             | spread | fails | {f"{d}_word": w for d, w in words.items()}
-            | {"verdict": verdict(words)})
+            | {"verdict": verdict(words)} | detectable)
 
 
 VERDICT_COLUMNS = [
@@ -152,6 +164,7 @@ VERDICT_COLUMNS = [
     "failures", "finished", "failures_ref", "finished_ref", "failure_rate_diff", "fisher_p",
     "fisher_note",
     "mean_word", "std_word", "failures_word", "verdict",
+    *(column for columns in power.COLUMNS.values() for column in columns),
 ]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blurbtune.report import sample_size
+from blurbtune.report import power, sample_size
 from blurbtune.report.stats import (
     ALPHA,
     BOOTSTRAP_METHOD,
@@ -198,9 +198,40 @@ def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.D
                 f"{row['failures_ref']}/{row['finished_ref']} "
                 f"({_points(row['failure_rate_diff'])}, {claim(row, 'fisher', '')})",
                 "Verdict": row["verdict"],
+                DETECTABLE: detectable(row),
             }
         )
     return pd.DataFrame(rows)
+
+
+DETECTABLE = f"Detectable at this n (α {ALPHA}, power {power.POWER})"
+NONE_POSSIBLE = "none possible at this n"
+
+
+def detectable(row: pd.Series) -> str:
+    """The power line of a verdict row: `|Δ mean| ≥ 12.3; std ratio ≤ 0.45 or ≥ 2.20; failure
+    rate +38 pp / -20 pp`; a test without a p shows its note instead, as its p cell does."""
+    def part(test: str, name: str, value: str) -> str:
+        note = note_of(row, f"{test}_note")
+        return f"{name}: {note}" if note else value
+
+    mean = f"|Δ mean| ≥ {100 * row['mean_mde']:.1f}"
+    down, up = row["std_ratio_mde_down"], row["std_ratio_mde_up"]
+    std = f"std ratio: {NONE_POSSIBLE}"
+    if pd.notna(down) or pd.notna(up):
+        sides = [f"≤ {_ratio(down)}" if pd.notna(down) else "",
+                 f"≥ {_ratio(up)}" if pd.notna(up) else ""]
+        std = f"std ratio {' or '.join(side for side in sides if side)}"
+        if not all(sides):
+            std += f" ({'none below 1' if pd.isna(down) else 'none above 1'} at this n)"
+    fail_down, fail_up = row["fail_mde_down"], row["fail_mde_up"]
+    fails = f"failure rate: {NONE_POSSIBLE}"
+    if pd.notna(fail_down) or pd.notna(fail_up):
+        higher = _points(fail_up) if pd.notna(fail_up) else "none higher at this n"
+        lower = _points(fail_down) if pd.notna(fail_down) else "none lower at this n"
+        fails = f"failure rate {higher} / {lower}"
+    return "; ".join([part("ttest", "|Δ mean|", mean), part("brown_forsythe", "std ratio", std),
+                      part("fisher", "failure rate", fails)])
 
 
 def _points(value: Any, digits: int = 0, unit: str = " pp") -> str:
@@ -219,7 +250,13 @@ VERDICT_NOTE = (
     f"effect. A test below its minimum n (t-test {sample_size.TTEST_PAIRS} pairs, "
     f"Brown-Forsythe {sample_size.BROWN_FORSYTHE_GROUP} runs a group, Fisher "
     f"{sample_size.FISHER_GROUP} finished run a group) says n too small and decides nothing "
-    "(not tested).\n"
+    "(not tested). "
+    f"Detectable at this n: the smallest difference each test would find at alpha {ALPHA} "
+    f"with power {power.POWER}, taking what was observed as the truth: |Δ mean| (x100) from "
+    "the std of the paired differences (noncentral t); the std ratio below and above 1 for "
+    f"normal scores (Monte Carlo, {power.STD_DRAWS} draws, seed {power.STD_SEED}); the failure "
+    "rate above and below none's (exact); 'none possible at this n' where no difference would "
+    "reach that power. A 'no difference' can hide any difference smaller than these.\n"
 )
 
 
