@@ -60,9 +60,11 @@ def error_of(*overrides: str) -> str:
     ("deterministic=maybe", "deterministic='maybe': expected true or false"),
     ("save_model=1", "save_model=1: expected true or false"),
     ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0: expected a number of "
-                                       "batches ≥ 1, or a fraction in (0, 1]"),
+                                       "batches ≥ 1, or a fraction in (0, 1], or null (every "
+                                       "batch)"),
     ("+trainer.limit_test_batches=1.5", "trainer.limit_test_batches=1.5: expected a number of "
-                                        "batches ≥ 1, or a fraction in (0, 1]"),
+                                        "batches ≥ 1, or a fraction in (0, 1], or null (every "
+                                        "batch)"),
 ])
 def test_a_bad_value_is_one_line_with_the_range(override: str, message: str) -> None:
     assert error_of(override) == message
@@ -89,7 +91,8 @@ def test_the_key_the_user_set_is_named_not_the_one_that_copies_it() -> None:
     (), ("seed=0",), ("data_seed=3", "init_seed=null"), ("task.lr=1", "trainer.max_epochs=1"),
     ("trainer.max_epochs=-1", "trainer.max_steps=10"), ("optimizer.gradient_clip_val=null",),
     ("optimizer.warmup_ratio=0", "optimizer.weight_decay=0"), ("threads=1",),
-    ("+trainer.limit_train_batches=0.5",), ("task.lr=1e-5",), ("experiment=smoke",),
+    ("+trainer.limit_train_batches=0.5",), ("+trainer.limit_train_batches=null",),
+    ("task.lr=1e-5",), ("experiment=smoke",),
     ("experiment=quickstart",), ("experiment=study_biosses",), ("stabilizer=[llrd,reinit_top]",),
 ])
 def test_good_values_pass(overrides: tuple[str, ...]) -> None:
