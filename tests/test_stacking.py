@@ -386,3 +386,30 @@ def test_verify_reruns_a_member_in_its_stack_and_finds_it_identical(tmp_path, ca
     same, lines = verify(tmp_path / "stack" / "seed=1")
     assert same, lines
     assert lines[0] == "identical: metrics and predictions reproduced"
+
+
+@pytest.mark.parametrize("stabilizer", ["lora", "freeze_lower", "bitfit"])
+def test_a_stack_shares_the_frozen_pretrained_weights(tmp_path, stabilizer):
+    """Members loaded from one pretrained folder hold its frozen tensors once: only what
+    trains (and what a seed draws: the head) is stacked K times."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from blurbtune.config import compose
+    from blurbtune.models import package_path
+    from blurbtune.run import build_members
+
+    folder = tmp_path / "encoder"
+    tok = AutoTokenizer.from_pretrained(package_path("data/tiny_tokenizer"))
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = compose(["model=tiny", f"model.name_or_path={folder}", f"stabilizer={stabilizer}",
+                   "dry_run=true", "task=hoc"])
+    _, _, built, _ = build_members(cfg, [{"seed": s, "data_seed": s, "init_seed": s}
+                                         for s in (0, 1, 2)])
+    trainable = {n for n, p in built[0].named_parameters() if p.requires_grad}
+    single = sum(p.numel() for p in built[0].parameters())
+    trains = sum(p.numel() for p in built[0].parameters() if p.requires_grad)
+    skeleton, stacked = stacking.stack_models(built)  # built[0] becomes the skeleton
+    assert {n for n, _ in skeleton.named_parameters() if n in stacked} == trainable
+    assert sum(p.numel() for p in skeleton.parameters()) == (single - trains) + 3 * trains
