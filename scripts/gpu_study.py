@@ -88,6 +88,7 @@ STACK_FILES = {"stack.json", "train.log", "stack.log"}
 PACKED_STATUSES = ("completed", "diverged", "failed")
 RESULTS = ("completed", "diverged")
 MAX_FILE = 16 * 2**20  # the device tool returns files of at most 16 MiB
+SHM_NEEDED = 16 * 2**30  # a stack of 10 MiniLM members' checkpoints, twice, and room to spare
 T0 = time.monotonic()
 
 
@@ -336,6 +337,19 @@ def predict_first_stack(task: str, measured: list[dict]) -> float | None:
     return ref["wall_s"] * max(tokens / rtokens, steps / rsteps) / STABILIZERS
 
 
+def default_work() -> Path:
+    """/dev/shm/gpu_study where memory-backed /dev/shm has room, else /tmp/gpu_study. A stack
+    writes every member's resume checkpoint after each epoch (347 MiB per MiniLM member:
+    weights, AdamW state, best weights): 3.4 GiB a stack-epoch, 80 of them for PubMedQA and 80
+    for HoC, too much to wait on a disk for; at most two of a member's checkpoints exist at
+    once (atomic replace), and they are removed when a run completes."""
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError):
+        if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHM_NEEDED:
+            return shm / "gpu_study"
+    return Path("/tmp/gpu_study")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="What it does, the cost order and the budget: "
@@ -367,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpu-dir", type=Path, default=ROOT / ".gpu",
         help="what pack_for_gpu.py wrote (%(default)s)")
     add("--wheels", type=Path, default=ROOT / ".whl", help="the wheels (%(default)s)")
-    add("--work", type=Path, default=Path("/tmp/gpu_study"),
-        help="sweep folders, token cache (%(default)s)")
+    add("--work", type=Path, default=None,
+        help="sweep folders, checkpoints, token cache (default: /dev/shm/gpu_study where "
+             "/dev/shm has 16 GiB free, else /tmp/gpu_study)")
     add("--site", type=Path, default=None,
         help="where wheels and the restored model go (/tmp/site; --cpu: <work>/site)")
     add("--out", type=Path, default=os.environ.get("OUT"), help="the packed results ($OUT)")
@@ -385,9 +400,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--tasks: unknown {unknown}; known: {', '.join(COSTS)}")
     stop_all = T0 + args.budget - args.pack_s
+    args.work = args.work or default_work()
     site = args.site or (args.work / "site" if args.cpu else Path("/tmp/site"))
     for folder in (args.work, args.out, site):
         folder.mkdir(parents=True, exist_ok=True)
+    say(f"work folder {args.work} ({shutil.disk_usage(args.work).free / 2**30:.0f} GiB free)")
 
     if not (args.cpu or args.no_install):
         install_wheels(args.wheels, site)
