@@ -416,7 +416,10 @@ def main() -> None:
                                                       os.environ.get("PYTHONPATH")) if p)}
     info = check_environment(env, args.wheels, args.cpu)
 
-    common = [f"trainer={'cpu' if args.cpu else 'gpu'}", f"data_dir={args.gpu_dir / 'blurb'}"]
+    # checkpoint_every=0: a member's checkpoint (~350 MiB for MiniLM) every epoch would cost
+    # more than the epoch on a GPU; a stopped stack still checkpoints (SIGTERM, see --pack-s).
+    common = [f"trainer={'cpu' if args.cpu else 'gpu'}", f"data_dir={args.gpu_dir / 'blurb'}",
+              "checkpoint_every=0"]
     if args.seeds != 10:
         common.append(f"seed=range({args.seeds})")
     if args.rows:

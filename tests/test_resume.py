@@ -128,3 +128,23 @@ def test_a_lora_run_interrupted_mid_epoch_resumes_exactly(
     _assert_same_run(tmp_path, uninterrupted_lora)
     history = [h["dev"] for h in _results(uninterrupted_lora)["history"]]
     assert len(set(history)) > 1  # the adapters did train: equality means something
+
+
+def test_checkpoint_every_n_epochs_and_only_when_stopped(tmp_path, cache, monkeypatch):
+    """checkpoint_every=2 saves after epochs 2, 4...; 0 saves at no epoch's end (only when a
+    signal stops the run, which the tests above exercise)."""
+    from blurbtune import resume
+
+    saved = []
+    original = resume.Resumable._save
+
+    def counting(self, trainer, mid_epoch=False):
+        saved.append((trainer.current_epoch, mid_epoch))
+        original(self, trainer, mid_epoch)
+
+    monkeypatch.setattr(resume.Resumable, "_save", counting)
+    run(tiny_config(tmp_path / "two", cache, "trainer.max_epochs=3", "checkpoint_every=2"))
+    assert saved == [(1, False)]
+    saved.clear()
+    run(tiny_config(tmp_path / "none", cache, "trainer.max_epochs=3", "checkpoint_every=0"))
+    assert saved == []

@@ -195,9 +195,10 @@ class Resumable(pl.Callback):
     saved unless the run was validating, in which case the epoch-end checkpoint stands.
     """
 
-    def __init__(self, run_dir: Path, datamodule: Any) -> None:
+    def __init__(self, run_dir: Path, datamodule: Any, every: int = 1) -> None:
         self.path = Path(run_dir) / FOLDER / LAST
         self.datamodule = datamodule
+        self.every = every  # epochs between checkpoints; 0: only when stopped
         self._validating = False
         self._mid_epoch = False
         self._previous_sigint: Any = None
@@ -239,7 +240,9 @@ class Resumable(pl.Callback):
         self._validating = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)  # after the dev evaluation, where Lightning's ModelCheckpoint saves
+        # After the dev evaluation, where Lightning's ModelCheckpoint saves.
+        if self.every and (trainer.current_epoch + 1) % self.every == 0:
+            self._save(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -455,7 +455,7 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
     if size > 1:
         checkpoint_io = StackCheckpointIO([p.out for p in group], stack.stacked, module.alive,
                                           "cpu")
-    resumable = Resumable(group[0].out, dm)
+    resumable = Resumable(group[0].out, dm, int(cfg.get("checkpoint_every", 1)))
     trainer = instantiate(
         trainer_cfg, default_root_dir=str(group[0].out),
         logger=run_loggers[0] if size == 1 else [

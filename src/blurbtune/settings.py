@@ -113,6 +113,7 @@ SETTINGS: tuple[Setting, ...] = (
     _int("data.max_eval_examples", 1, null="all"),
     _int("data.num_workers", 0),
     _int("threads", 1, null="the CPUs this process may use"),
+    _int("checkpoint_every", 0),
     _int("trainer.log_every_n_steps", 1),
     Setting("trainer.limit_train_batches", "count_or_fraction", null="every batch"),
     Setting("trainer.limit_val_batches", "count_or_fraction", null="every batch"),

@@ -51,6 +51,7 @@ NO_EFFECT = {
     "threads": "torch threads per process (the same sums, perhaps rounded in another order)",
     "save_model": "whether model/ is also written after training",
     "keep_checkpoints": "whether checkpoints are kept after the run",
+    "checkpoint_every": "how often a resume checkpoint is written (it draws nothing)",
     "dry_run": "a dry run trains nothing and writes no results",
     "rerun_diverged": "whether a rerun retrains a diverged run, not how a run trains",
     "test_every_epoch": "a test score recorded after each epoch; never selects, draws nothing",
