@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> float:
             str(p.out) for p in planned))
         return math.nan
     if rank_zero_only.rank != 0:  # a DDP process Lightning started: rank 0 holds the lock
-        return _run_group(planned, {})
+        return _mean(_run_group(planned, {}))
     locks: list[RunLock] = []
     try:
         todo, scores, refusals = [], [], []
@@ -144,6 +144,10 @@ def run(cfg: DictConfig) -> float:
     finally:
         for lock in locks:
             lock.release()
+    return _mean(scores)
+
+
+def _mean(scores: list[float]) -> float:
     finite = [s for s in scores if not math.isnan(s)]
     return sum(finite) / len(finite) if finite else math.nan
 
