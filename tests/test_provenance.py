@@ -90,6 +90,13 @@ def test_verify_comparisons_detect_a_changed_byte(tmp_path):
     (new / "dev.jsonl").write_text('{"id": 1, "pred": "b"}\n')
     assert compare_predictions(old, new) == ["predictions/dev.jsonl"]
     assert compare_results({"dev": {"best": 0.5}}, {"dev": {"best": 0.5}}) == []
+    # A run recorded before history rows had `step`: its numbers are what is compared.
+    old = {"history": [{"epoch": 0, "dev": 0.5}]}
+    assert compare_results(old, {"history": [{"epoch": 0, "step": 4, "dev": 0.5}]}) == []
+    assert compare_results(old, {"history": [{"epoch": 0, "step": 4, "dev": 0.6}]})
+    assert compare_results(old, {"history": [{"epoch": 0, "dev": 0.5}, {"epoch": 1}]})
+    assert compare_results({"history": [{"epoch": 0, "dev": 0.5, "step": 4}]},
+                           {"history": [{"epoch": 0, "dev": 0.5}]})
     assert compare_results({"dev": {"best": 0.5}}, {"dev": {"best": 0.6}})[0].startswith("dev:")
 
 
