@@ -43,7 +43,7 @@ def _rows_hold(old: object, new: object) -> bool:
     if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)):
         return False
     return all(isinstance(a, dict) and isinstance(b, dict) and
-               all(k in b and b[k] == v for k, v in a.items()) for a, b in zip(old, new))
+               all(k in b and b[k] == v for k, v in a.items()) for a, b in zip(old, new, strict=True))
 
 
 def compare_predictions(old_dir: Path, new_dir: Path) -> list[str]:
