@@ -42,8 +42,9 @@ def _rows_hold(old: object, new: object) -> bool:
     every field `old` has), with as many rows on both sides."""
     if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)):
         return False
+    pairs = zip(old, new, strict=True)
     return all(isinstance(a, dict) and isinstance(b, dict) and
-               all(k in b and b[k] == v for k, v in a.items()) for a, b in zip(old, new, strict=True))
+               all(k in b and b[k] == v for k, v in a.items()) for a, b in pairs)
 
 
 def compare_predictions(old_dir: Path, new_dir: Path) -> list[str]:
