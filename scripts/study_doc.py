@@ -2,8 +2,9 @@
 
     python scripts/study_doc.py            # docs/study/report/ and the blocks of docs/study.md
 
-A block in docs/study.md is `<!-- report: NAME -->` (NAME: a Markdown file of the report) or
-`<!-- trainer: -->` (the plain Trainer baseline's table), ended by `<!-- end -->`; only the
+A block in docs/study.md is `<!-- report: NAME -->` (NAME: a Markdown file of the report),
+`<!-- trainer: -->` (the plain Trainer baseline's table) or `<!-- selection: -->` (what
+selecting on the dev set gave, from the runs' own records), ended by `<!-- end -->`; only the
 text between the markers is rewritten. tests/test_study.py checks that the doc is current.
 """
 
@@ -18,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 STUDY = ROOT / "docs" / "study"
 DOC = ROOT / "docs" / "study.md"
-BLOCK = re.compile(r"(<!-- (report|trainer): ?(\S*) -->\n)(.*?)(<!-- end -->)", re.S)
+BLOCK = re.compile(r"(<!-- (report|trainer|selection): ?(\S*) -->\n)(.*?)(<!-- end -->)",
+                   re.S)
+LR = 1e-4  # the study's learning rate: the selection table covers its settings
 
 
 def trainer_summary() -> str:
@@ -29,6 +32,54 @@ def trainer_summary() -> str:
     return module.summary_markdown(STUDY / "trainer")
 
 
+def selection_rows(runs: Path = STUDY / "runs") -> list[dict]:
+    """Per completed run at the study's lr: its setting, seed, the test score of its best-on-dev
+    epoch and of its last epoch, and, where the run recorded test at every epoch
+    (`test_every_epoch`), the best test score over its epochs (an oracle: it looks at test)."""
+    import json
+
+    rows = []
+    for path in sorted(runs.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if r.get("status") != "completed" or r.get("lr") != LR:
+            continue
+        tests = [h["test"] for h in r["history"] if "test" in h]
+        rows.append({"stabilizer": r["stabilizer"], "seed": r["seed"],
+                     "best_on_dev": r["test"]["best"], "last": r["test"]["last"],
+                     "oracle": max(tests) if len(tests) == len(r["history"]) else None})
+    return rows
+
+
+def selection_markdown(rows: list[dict]) -> str:
+    """What picking the checkpoint on a 16-pair dev set gave on test, per setting (x100): the
+    best-on-dev epoch against the last epoch (paired over the same runs) and against the best
+    test epoch (an oracle, over the runs that recorded test at every epoch)."""
+    import numpy as np
+    from scipy import stats
+
+    def cell(values: list[float]) -> str:
+        v = 100 * np.asarray(values)
+        return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+    lines = ["| Stabilizer | n | Best-on-dev epoch | Last epoch | Δ best-on-dev - last "
+             "(paired t) | n (oracle) | Best test epoch (oracle) | Δ oracle - best-on-dev |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in sorted({r["stabilizer"] for r in rows}, key=lambda n: (n != "none", n)):
+        mine = [r for r in rows if r["stabilizer"] == name]
+        best = [r["best_on_dev"] for r in mine]
+        last = [r["last"] for r in mine]
+        diff = 100 * (np.asarray(best) - np.asarray(last))
+        p = stats.ttest_rel(best, last).pvalue if len(mine) > 1 and diff.std() > 0 else None
+        seen = [r for r in mine if r["oracle"] is not None]
+        gap = 100 * np.asarray([r["oracle"] - r["best_on_dev"] for r in seen])
+        lines.append(
+            f"| {name} | {len(mine)} | {cell(best)} | {cell(last)} | {diff.mean():+.2f} "
+            f"({'p=' + format(p, '.3f') if p is not None else 'no test'}) | {len(seen)} | "
+            + (f"{cell([r['oracle'] for r in seen])} | {gap.mean():+.2f}" if seen else "- | -")
+            + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from blurbtune.report.build import build_report
 
@@ -37,7 +88,8 @@ def main() -> None:
 
     def fill(m: re.Match) -> str:
         kind, name = m.group(2), m.group(3)
-        body = (out / name).read_text() if kind == "report" else trainer_summary()
+        body = {"report": lambda: (out / name).read_text(), "trainer": trainer_summary,
+                "selection": lambda: selection_markdown(selection_rows())}[kind]()
         return f"{m.group(1)}{body.strip()}\n{m.group(5)}"
 
     DOC.write_text(BLOCK.sub(fill, DOC.read_text()))
