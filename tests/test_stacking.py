@@ -413,3 +413,16 @@ def test_a_stack_shares_the_frozen_pretrained_weights(tmp_path, stabilizer):
     skeleton, stacked = stacking.stack_models(built)  # built[0] becomes the skeleton
     assert {n for n, _ in skeleton.named_parameters() if n in stacked} == trainable
     assert sum(p.numel() for p in skeleton.parameters()) == (single - trains) + 3 * trains
+
+
+@pytest.mark.parametrize("value, said", [
+    ("[0,0]", "a member is named twice"), ("[]", "expected a non-empty list of seeds"),
+    ("abc", "expected a non-empty list of seeds"), ("[-1,2]", "seed=-1 is not a seed"),
+    ("[{seed: 0, lr: 1}]", "each member is a seed or a mapping"),
+])
+def test_a_bad_stack_is_one_line(tmp_path, cache, value, said):
+    from blurbtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=said):
+        run(tiny_config(tmp_path, cache, f"stack={value}"))
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from blurbtune.errors import ConfigError
 from blurbtune.io import write_text_atomic
 from blurbtune.reproducibility import resolve_seeds
+from blurbtune.settings import SEED_MAX
 
 STACK_KEY = "stack"
 SEED_KEYS = ("seed", "data_seed", "init_seed")
@@ -64,9 +65,9 @@ def members_of(value: Any) -> list[dict[str, int]]:
             raise ConfigError(f"stack={value}: each member is a seed or a mapping of "
                               f"{', '.join(SEED_KEYS)} with a seed; got {item!r}")
         for key, seed in member.items():
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
                 raise ConfigError(f"stack={value}: {key}={seed!r} is not a seed (expected an "
-                                  "integer >= 0)")
+                                  "integer in [0, 2^64 - 1])")
         members.append(dict(member))
     if len({tuple(sorted(m.items())) for m in members}) < len(members):
         raise ConfigError(f"stack={value}: a member is named twice; each seed trains once")
