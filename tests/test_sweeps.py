@@ -292,19 +292,32 @@ def test_the_probe_step_runs_a_stack_of_the_job(tmp_path):
     assert peak_memory(cfg, 2, "cpu") == 0
 
 
+STACK_GRID = [*SHORT, "seed=0,1,2", "stabilizer=none,llrd", "trainer.limit_train_batches=3"]
+
+
+@pytest.fixture(scope="module")
+def plain_sweep(tmp_path_factory):
+    """The unstacked sweep the stacked ones are compared with (run once for the module)."""
+    root = tmp_path_factory.mktemp("plain-sweep")
+    data = FIXTURES if (FIXTURES / "BIOSSES").is_dir() else _write_biosses(root / "blurb")
+    env = dict(os.environ, BLURB_DATA_DIR=str(data), BLURBTUNE_CACHE=str(root / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HYDRA_FULL_ERROR="1")
+    _sweep((root, env), *STACK_GRID, f"hydra.sweep.dir={root / 'plain'}")
+    return root / "plain"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "parallel", "local_jobs"])
-def test_a_stacked_sweep_writes_the_unstacked_sweeps_folders(workdir, launcher):
+def test_a_stacked_sweep_writes_the_unstacked_sweeps_folders(workdir, plain_sweep, launcher):
     """seed=0,1,2 x two stabilizers, stacks of 2: four jobs (two stacks, two single runs);
     every run folder has the unstacked sweep's name, config and overrides, byte for byte,
     and its predictions (test_stacking checks members in full; the tiny model's near-constant
     similarity predictions make Pearson r too ill-conditioned to compare here)."""
     cwd, _ = workdir
-    grid = [*SHORT, "seed=0,1,2", "stabilizer=none,llrd", "trainer.limit_train_batches=3"]
-    plain, stacked = cwd / "plain", cwd / "stacked"
-    _sweep(workdir, *grid, f"hydra.sweep.dir={plain}")
+    plain, stacked = plain_sweep, cwd / "stacked"
     extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
-    log = _sweep(workdir, *grid, f"hydra.sweep.dir={stacked}", "hydra/sweeper=stacked",
+    log = _sweep(workdir, *STACK_GRID, f"hydra.sweep.dir={stacked}", "hydra/sweeper=stacked",
                  "hydra.sweeper.size=2", *extra)
     a, b = _results(plain), _results(stacked)
     assert set(a) == set(b) and len(a) == 6
