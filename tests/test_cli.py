@@ -38,9 +38,11 @@ def help_text() -> str:
 
 def test_help_lists_every_group_and_option_in_conf(help_text: str) -> None:
     for group in ("model", "task", "stabilizer", "optimizer", "trainer", "logger", "experiment"):
-        line = next(i for i, text in enumerate(help_text.splitlines())
-                    if text.startswith(f"  {group} "))
-        block = " ".join(help_text.splitlines()[line:line + 4])
+        lines = help_text.splitlines()
+        line = next(i for i, text in enumerate(lines) if text.startswith(f"  {group} "))
+        end = next((i for i in range(line + 1, len(lines))
+                    if not lines[i].startswith(" " * 14)), len(lines))
+        block = " ".join(lines[line:end])  # the group's line and its continuation lines
         for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
             assert re.search(rf"\b{option}\*?(\s|$)", block), (group, option)
     defaults = {k: v for e in OmegaConf.load(CONF / "train.yaml").defaults
