@@ -41,6 +41,9 @@ EXAMPLES = (
     ("a seed sweep of the four stabilizers, then its report",
      "python train.py -m task=biosses stabilizer=none,freeze_lower,llrd,reinit_top "
      "seed='range(10)'"),
+    ("the same on a GPU, each stabilizer's seeds trained together (one process a stack)",
+     "python train.py -m task=biosses stabilizer=none,freeze_lower,llrd,reinit_top "
+     "seed='range(10)' hydra/sweeper=stacked trainer=gpu"),
 )
 
 
