@@ -71,7 +71,9 @@ def test_help_names_only_keys_that_exist() -> None:
 def test_help_examples_compose(help_text: str) -> None:
     examples = [t.strip() for t in help_text.split("Examples:")[1].splitlines()
                 if t.strip().startswith("python train.py")]
-    assert len(examples) == 3
+    from blurbtune.help import EXAMPLES
+
+    assert len(examples) == sum(cmd.startswith("python train.py") for _, cmd in EXAMPLES) == 4
     for line in examples:  # a sweep composes at its first point
         overrides = []
         for item in line.replace("'", "").split()[2:]:
