@@ -518,3 +518,30 @@ def test_every_configuration_left_out_still_writes_tables(tmp_path: Path) -> Non
     summary = pd.read_csv(root / "report" / "summary.csv")
     assert summary.empty and {"config", "test_best_mean", "failures"} <= set(summary.columns)
     assert "Left out of every table" in (root / "report" / "stability.md").read_text()
+
+
+def test_a_technique_at_its_own_lr_is_compared_with_none_at_the_reference_lr(
+        tmp_path: Path) -> None:
+    """LoRA run at lr 1e-3, plain fine-tuning at 1e-4 and 3e-5: no verdict row without
+    --reference-lr (no `none` at 1e-3); with --reference-lr 1e-4, LoRA against `none` at 1e-4,
+    the Δ mean being the paired mean difference computed by hand."""
+    none = {0: 0.30, 1: 0.50, 2: 0.20, 3: 0.45}
+    lora = {0: 0.60, 1: 0.55, 2: 0.40, 3: 0.70}
+    for seed in range(4):
+        write_run(tmp_path, stabilizer="none", seed=seed, test=(none[seed], none[seed]),
+                  lr=1e-4, config=["task.lr=1e-4"])
+        write_run(tmp_path, stabilizer="none", seed=seed, test=(0.1, 0.1), lr=3e-5,
+                  config=["task.lr=3e-5"])
+        write_run(tmp_path, stabilizer="lora", seed=seed, test=(lora[seed], lora[seed]),
+                  lr=1e-3, config=["task.lr=1e-3"])
+    plain = make_report([tmp_path], tmp_path / "plain")
+    assert "lora" not in set(pd.read_csv(plain["verdict.csv"]).stabilizer)
+    assert main([str(tmp_path), "--out", str(tmp_path / "ref"), "--reference-lr", "1e-4"]) == 0
+    verdict = pd.read_csv(tmp_path / "ref" / "verdict.csv")
+    [row] = verdict[verdict.stabilizer == "lora"].itertuples()
+    diffs = [lora[s] - none[s] for s in range(4)]
+    assert row.mean_diff == pytest.approx(statistics.mean(diffs))
+    assert row.ttest_p == pytest.approx(sps.ttest_rel(list(lora.values()),
+                                                      list(none.values())).pvalue)
+    assert row.reference_lr == pytest.approx(1e-4)
+    assert "(against none at lr 0.0001)" in (tmp_path / "ref" / "verdict.md").read_text()

@@ -26,9 +26,10 @@ pytestmark = needs_fixtures
 SEEDS = (0, 1)
 COMMON = ("trainer.max_epochs=2", "optimizer.lr=1e-3")
 # (task, stabilizer): every task type (similarity, multi-label document classification,
-# relation, NER, PICO, QA); every stabilizer, a composition, and the recommended choice. BIOSSES on real weights: the
-# tiny random model predicts a near-constant similarity there (spread ~1e-5), whose Pearson
-# r is too ill-conditioned to compare; MiniLM's predictions spread (std ~0.05) in 2 epochs.
+# relation, NER, PICO, QA); every stabilizer, a composition, and the recommended choice.
+# BIOSSES on real weights: the tiny random model predicts a near-constant similarity there
+# (spread ~1e-5), whose Pearson r is too ill-conditioned to compare; MiniLM's predictions
+# spread (std ~0.05) in 2 epochs.
 CASES = [("biosses", "none"), ("biosses", "reinit_top"), ("hoc", "freeze_lower"),
          ("chemprot", "llrd"), ("ncbi_disease", "[llrd,reinit_top]"),
          ("ncbi_disease", "recommended"), ("ebmnlp", "none"), ("pubmedqa", "reinit_top"),

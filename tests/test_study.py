@@ -36,7 +36,7 @@ def _table(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study-report")
-    build_report([STUDY / "runs"], out)
+    build_report([STUDY / "runs"], out, reference_lr=STUDY_DOC.LR)
     return out
 
 

@@ -51,8 +51,11 @@ def default_out_dir(paths: list[Path]) -> Path:
     return (first if first.is_dir() else first.parent) / "report"
 
 
-def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> Report:
+def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
+                 reference_lr: float | None = None) -> Report:
     """Read the sweeps under `paths` and write the report to `out_dir` (default `<first>/report`).
+    `reference_lr`: compare a configuration that has no `none` at its own learning rate with
+    the `none` at this one (`identity.build_configs`).
 
     The folder is written whole or not at all (report/folder.py): an `out_dir` that holds
     anything a report does not write is refused. Raises NoResultsError naming a folder that
@@ -70,7 +73,7 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
             raise NoResultsError(f"{path}: no results.json found in this folder or below it")
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
     check_out(out)
-    found = collect(paths)
+    found = collect(paths, reference_lr)
     if found.runs.empty:
         names = ", ".join(str(p) for p in paths)
         raise NoResultsError(f"{names}: none of the results.json files could be read", found.errors)

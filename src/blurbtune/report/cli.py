@@ -20,6 +20,10 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <first SWEEP>/report)"
     )
+    parse.add_argument(
+        "--reference-lr", type=float, default=None, metavar="LR",
+        help="compare a configuration with no `none` at its own lr (e.g. LoRA at the lr that "
+             "suits it) with `none` at LR, otherwise identical")
     return parse
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from blurbtune.report.folder import ReportError
 
     try:
-        report = build_report(args.sweeps, args.out)
+        report = build_report(args.sweeps, args.out, args.reference_lr)
     except ReportError as exc:
         print(f"blurbtune report: error: {exc}", file=sys.stderr)
         for path, reason in getattr(exc, "errors", []):

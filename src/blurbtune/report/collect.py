@@ -135,8 +135,9 @@ def diagnostics(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def collect(paths: Iterable[Path]) -> Collection:
-    """Load every results.json under `paths`; unreadable ones go to `errors`, not up the stack."""
+def collect(paths: Iterable[Path], reference_lr: float | None = None) -> Collection:
+    """Load every results.json under `paths`; unreadable ones go to `errors`, not up the stack.
+    `reference_lr`: see `identity.build_configs`."""
     files: list[Path] = []
     seen: set[Path] = set()
     for root in paths:
@@ -156,8 +157,8 @@ def collect(paths: Iterable[Path]) -> Collection:
         identities[config] = identity
         rows.append(flatten(data, file) | {"config": config})
     runs = runs_frame(rows)
-    return Collection(runs=runs, configs=build_configs(runs, identities), errors=errors,
-                      files=files)
+    return Collection(runs=runs, configs=build_configs(runs, identities, reference_lr),
+                      errors=errors, files=files)
 
 
 def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -318,8 +318,24 @@ def distinguishing(identities: dict[str, dict[str, str]], table: pd.DataFrame) -
     return varying
 
 
-def build_configs(runs: pd.DataFrame, identities: dict[str, dict[str, str]]) -> Configs:
-    """The configurations of `runs` (which has a `config` column), with what distinguishes them."""
+# The identity keys that hold a configuration's learning rate (task.lr feeds optimizer.lr).
+LR_KEYS = (LR, "task.lr")
+
+
+def at_lr(identity: dict[str, str], lr: float) -> dict[str, str]:
+    """`identity` with its learning rate set to `lr` (the keys it has of LR_KEYS)."""
+    return {k: (_text(float(lr)) if k in LR_KEYS else v) for k, v in identity.items()}
+
+
+def build_configs(runs: pd.DataFrame, identities: dict[str, dict[str, str]],
+                  reference_lr: float | None = None) -> Configs:
+    """The configurations of `runs` (which has a `config` column), with what distinguishes them.
+
+    Each configuration's reference is `none` in the same context (all but the stabilizer);
+    with `reference_lr`, one that has no `none` at its own learning rate (a technique run at
+    the lr that suits it, such as LoRA) gets the `none` at `reference_lr`, otherwise identical
+    (`reference_lr` column: that lr, else empty).
+    """
     columns = ["model", "task", "stabilizer", "knobs", "lr", "batch_size"]
     rows = {}
     contexts = {config: config_id(context(identity)) for config, identity in identities.items()}
@@ -332,6 +348,10 @@ def build_configs(runs: pd.DataFrame, identities: dict[str, dict[str, str]]) -> 
         row["model_id"] = identities[config].get(MODEL)
         row["context"] = contexts[config]
         ref = reference.get(contexts[config])
+        row["reference_lr"] = None
+        if ref is None and reference_lr is not None:
+            ref = reference.get(config_id(context(at_lr(identities[config], reference_lr))))
+            row["reference_lr"] = float(reference_lr) if ref is not None else None
         row["reference"] = ref if ref != config else None
         rows[config] = row
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -163,7 +163,7 @@ VERDICT_COLUMNS = [
     "n_std", "n_std_ref", "std", "std_ref", "std_ratio", "brown_forsythe_p", "brown_forsythe_note",
     "failures", "finished", "failures_ref", "finished_ref", "failure_rate_diff", "fisher_p",
     "fisher_note",
-    "mean_word", "std_word", "failures_word", "verdict",
+    "mean_word", "std_word", "failures_word", "verdict", "reference_lr",
     *(column for columns in power.COLUMNS.values() for column in columns),
 ]  # fmt: skip
 
@@ -171,6 +171,8 @@ VERDICT_COLUMNS = [
 def verdicts(runs: pd.DataFrame, configs: Configs, column: str = "test_best") -> pd.DataFrame:
     """One row per comparison (each stabilizer configuration against its `none`)."""
     groups = dict(list(runs.groupby(GROUP, sort=False)))
-    rows = [{GROUP: config, "ref_config": ref} | compare(groups[config], groups[ref], column)
+    rows = [{GROUP: config, "ref_config": ref,
+             "reference_lr": configs.table.loc[config].get("reference_lr")}
+            | compare(groups[config], groups[ref], column)
             for config, ref in comparisons(configs, runs)]
     return configs.describe(pd.DataFrame(rows, columns=VERDICT_COLUMNS))

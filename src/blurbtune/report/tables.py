@@ -197,7 +197,9 @@ def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.D
                 "Failures": f"{row['failures']}/{row['finished']} vs "
                 f"{row['failures_ref']}/{row['finished_ref']} "
                 f"({_points(row['failure_rate_diff'])}, {claim(row, 'fisher', '')})",
-                "Verdict": row["verdict"],
+                "Verdict": row["verdict"] + (
+                    f" (against none at lr {number(row['reference_lr'])})"
+                    if pd.notna(row.get("reference_lr")) else ""),
                 DETECTABLE: detectable(row),
             }
         )
