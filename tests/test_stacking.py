@@ -286,6 +286,7 @@ def test_a_diverged_member_stops_and_the_others_go_on(tmp_path, cache, monkeypat
     diverged = _results(stack / "seed=1")
     assert diverged["status"] == "diverged"
     assert diverged["error"] == "DivergedError: training loss became nan at epoch 1, step 5"
+    assert diverged["stage"] == "training"
     assert [h["epoch"] for h in diverged["history"]] == [0]
     assert diverged["checkpoint"] is None and not (stack / "seed=1" / "checkpoints").exists()
     assert not (stack / "seed=1" / "predictions").exists()

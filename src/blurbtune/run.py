@@ -275,12 +275,14 @@ def _record_stop(e: BaseException, group: list[Planned], identities: list[dict],
         if k in done["written"]:
             continue
         own_status, own_error = status, error
+        kept = _progress(done, k, p.out)
         if module is not None and module.members[k].diverged is not None:
-            own_status = "diverged"
+            own_status = "diverged"  # while its stack trained on
             own_error = f"DivergedError: {module.members[k].diverged}"
+            kept["stage"] = "training"
         if own_status == "diverged" and not p.cfg.get("keep_checkpoints"):
             remove_checkpoints(p.out)  # a final result: nothing will resume from it
-        kept = _progress(done, k, p.out)
+            kept["checkpoint"] = None
         try:
             write_text_atomic(p.out / "error.log", trace)
             if not p.cfg.get("dry_run"):
