@@ -3,9 +3,10 @@
     python scripts/study_doc.py            # docs/study/report/ and the blocks of docs/study.md
 
 A block in docs/study.md is `<!-- report: NAME -->` (NAME: a Markdown file of the report),
-`<!-- trainer: -->` (the plain Trainer baseline's table) or `<!-- selection: -->` (what
-selecting on the dev set gave, from the runs' own records), ended by `<!-- end -->`; only the
-text between the markers is rewritten. tests/test_study.py checks that the doc is current.
+`<!-- trainer: -->` (the plain Trainer baseline's table), `<!-- selection: -->` (what
+selecting on the dev set gave, from the runs' own records) or `<!-- pilot: -->` (the adapters'
+learning-rate pilot), ended by `<!-- end -->`; only the text between the markers is
+rewritten. tests/test_study.py checks that the doc is current.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 STUDY = ROOT / "docs" / "study"
 DOC = ROOT / "docs" / "study.md"
-BLOCK = re.compile(r"(<!-- (report|trainer|selection): ?(\S*) -->\n)(.*?)(<!-- end -->)",
-                   re.S)
+BLOCK = re.compile(r"(<!-- (report|trainer|selection|pilot): ?(\S*) -->\n)(.*?)"
+                   r"(<!-- end -->)", re.S)
+PILOT = STUDY / "pilot-adapters"
 # The study's learning rate: the selection table covers its settings, and a technique run at
 # another lr (the adapters, at the lr their pilot chose) is compared with `none` at this one.
 LR = 1e-4
@@ -82,6 +84,41 @@ def selection_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pilot_markdown(folder: Path = PILOT) -> str:
+    """The adapters' learning-rate pilot: per stabilizer and lr, each seed's best dev score
+    (the only score used to choose) and whether its test predictions collapsed, the mean best
+    dev, and the lr chosen (highest mean best dev; ties to the lower lr). Test is shown for
+    the record, never used to choose."""
+    import json
+    import statistics
+
+    runs: dict[tuple[str, float], list[dict]] = {}
+    for path in sorted(folder.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault((r["stabilizer"], r["lr"]), []).append(r)
+    lines = ["| Stabilizer | lr | seeds | best dev per seed (x100) | mean best dev | test per "
+             "seed (x100) | collapsed on test | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for name in sorted({k[0] for k in runs}):
+        lrs = sorted(lr for stab, lr in runs if stab == name)
+
+        def mean_dev(lr: float, name: str = name) -> float:
+            return statistics.mean(r["dev"]["best"] if r["status"] == "completed" else
+                                   float("-inf") for r in runs[(name, lr)])
+
+        chosen = max(lrs, key=lambda lr: (mean_dev(lr), -lr))
+        for lr in lrs:
+            rs = sorted(runs[(name, lr)], key=lambda r: r["seed"])
+            ok = [r for r in rs if r["status"] == "completed"]
+            lines.append(
+                f"| {name} | {lr:g} | {', '.join(str(r['seed']) for r in rs)} | "
+                + ", ".join(f"{100 * r['dev']['best']:.1f}" for r in ok)
+                + f" | {100 * mean_dev(lr):.1f} | "
+                + ", ".join(f"{100 * r['test']['best']:.1f}" for r in ok)
+                + f" | {sum(r['collapsed']['test'] for r in ok)}/{len(ok)} | "
+                + ("yes" if lr == chosen else "") + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from blurbtune.report.build import build_report
 
@@ -91,7 +128,8 @@ def main() -> None:
     def fill(m: re.Match) -> str:
         kind, name = m.group(2), m.group(3)
         body = {"report": lambda: (out / name).read_text(), "trainer": trainer_summary,
-                "selection": lambda: selection_markdown(selection_rows())}[kind]()
+                "selection": lambda: selection_markdown(selection_rows()),
+                "pilot": pilot_markdown}[kind]()
         return f"{m.group(1)}{body.strip()}\n{m.group(5)}"
 
     DOC.write_text(BLOCK.sub(fill, DOC.read_text()))

@@ -48,8 +48,11 @@ def test_doc_tables_are_the_regenerated_report(regenerated: Path) -> None:
     blocks = [(m[2], m[3], m[4]) for m in STUDY_DOC.BLOCK.finditer(DOC.read_text())]
     assert {name for kind, name, _ in blocks if kind == "report"} >= {"stability.md",
                                                                        "verdict.md"}
+    made = {"trainer": _trainer_summary,
+            "selection": lambda: STUDY_DOC.selection_markdown(STUDY_DOC.selection_rows()),
+            "pilot": STUDY_DOC.pilot_markdown}
     for kind, name, body in blocks:
-        expected = (regenerated / name).read_text() if kind == "report" else _trainer_summary()
+        expected = (regenerated / name).read_text() if kind == "report" else made[kind]()
         assert _table(body) == _table(expected), f"docs/study.md's {kind} block {name} is stale"
 
 
@@ -73,3 +76,27 @@ def test_trainer_summary_against_numpy() -> None:
     # Failed: constant predictions, or no better than the constant predictor (as the report).
     for r in results:
         assert r["failed"] == (r["collapsed_test"] or r["test"] <= r["baseline_test"])
+
+
+def test_selection_table_against_the_runs_read_directly() -> None:
+    """The selection block's numbers for `none`, recomputed here from each results.json with
+    numpy and scipy: best-on-dev and last-epoch test means, their paired t-test, and the best
+    test epoch over the runs that recorded test at every epoch."""
+    import json
+
+    from scipy import stats
+
+    runs = [json.loads(p.read_text()) for p in (STUDY / "runs").glob("*/results.json")]
+    mine = [r for r in runs if r["stabilizer"] == "none" and r["lr"] == STUDY_DOC.LR
+            and r["status"] == "completed"]
+    best = np.array([r["test"]["best"] for r in mine])
+    last = np.array([r["test"]["last"] for r in mine])
+    oracle = [max(h["test"] for h in r["history"]) for r in mine
+              if all("test" in h for h in r["history"])]
+    p = stats.ttest_rel(best, last).pvalue
+    row = next(line for line in _table(DOC.read_text()) if line.startswith("| none | "))
+    assert row.startswith(f"| none | {len(mine)} | {100 * best.mean():.2f} ± "
+                          f"{100 * best.std(ddof=1):.2f} | {100 * last.mean():.2f} ± ")
+    assert f"(p={p:.3f})" in row
+    if oracle:
+        assert f"| {len(oracle)} | {100 * np.mean(oracle):.2f} ± " in row
