@@ -338,11 +338,10 @@ def predict_first_stack(task: str, measured: list[dict]) -> float | None:
 
 
 def default_work() -> Path:
-    """/dev/shm/gpu_study where memory-backed /dev/shm has room, else /tmp/gpu_study. A stack
-    writes every member's resume checkpoint after each epoch (347 MiB per MiniLM member:
-    weights, AdamW state, best weights): 3.4 GiB a stack-epoch, 80 of them for PubMedQA and 80
-    for HoC, too much to wait on a disk for; at most two of a member's checkpoints exist at
-    once (atomic replace), and they are removed when a run completes."""
+    """/dev/shm/gpu_study where memory-backed /dev/shm has room, else /tmp/gpu_study. The runs
+    checkpoint only when stopped (`checkpoint_every=0`), but a stack stopped by the budget
+    writes every member's checkpoint at once (347 MiB per MiniLM member: weights, AdamW state,
+    best weights; 3.4 GiB for a stack of 10), which must be written within the packing time."""
     shm = Path("/dev/shm")
     with contextlib.suppress(OSError):
         if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHM_NEEDED:
