@@ -84,6 +84,19 @@ def test_model_path_that_does_not_exist(tmp_path):
     assert f"{tmp_path}/no-model" in msg and "no such folder" in msg
 
 
+@pytest.mark.parametrize("config", [None, "{}", '{"model_type": "no-such-type"}'])
+def test_a_folder_that_holds_no_model(tmp_path, config):
+    """A folder without a model's config.json (or with one naming no known model type) was a
+    raw ValueError traceback from transformers."""
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    msg = error_of(tmp_path, "model=minilm", f"model.name_or_path={folder}")
+    assert msg.startswith(f"could not load a tokenizer from {str(folder)!r}: ") or \
+        msg.startswith(f"could not load model.name_or_path={str(folder)!r}: "), msg
+
+
 def test_hub_id_while_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     msg = error_of(tmp_path, "model=pubmedbert")

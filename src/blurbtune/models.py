@@ -89,7 +89,7 @@ def load_tokenizer(model_cfg: Any, task: Any) -> PreTrainedTokenizerBase:
     _check_source(name, "model.tokenizer" if model_cfg.get("tokenizer") else "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(name, **(model_cfg.get("tokenizer_kwargs") or {}))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder whose config names no model type
         raise ConfigError(
             f"could not load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
     markers = list(task.get("markers") or [])
@@ -126,7 +126,7 @@ def load_model(model_cfg: Any, task: Any, tokenizer: PreTrainedTokenizerBase) ->
                     name, config=config, ignore_mismatched_sizes=new_head,
                     output_loading_info=True, **kwargs)
             show_if_encoder(report, model, info)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a config.json that names no model type
             raise ConfigError(f"could not load model.name_or_path={name!r}: "
                               f"{str(e).splitlines()[0]}") from None
         if new_head:
