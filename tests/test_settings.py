@@ -62,6 +62,13 @@ def error_of(*overrides: str) -> str:
     ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0: expected a number of "
                                        "batches ≥ 1, or a fraction in (0, 1], or null (every "
                                        "batch)"),
+    # found by trying more (the issue asked to go past its list): each was a recorded failed
+    # run or Hydra's multi-line error
+    ("trainer.precision=fp13", "trainer.precision='fp13': expected one of 32-true, 16-mixed, "
+                               "bf16-mixed, 16-true, bf16-true, 64-true, 32, 16, bf16, 64, "
+                               "transformer-engine, transformer-engine-float16"),
+    ("+trainer.matmul_precision=low", "trainer.matmul_precision='low': expected one of "
+                                      "highest, high, medium, or null (torch's default)"),
     ("+trainer.limit_test_batches=1.5", "trainer.limit_test_batches=1.5: expected a number of "
                                         "batches ≥ 1, or a fraction in (0, 1], or null (every "
                                         "batch)"),
@@ -76,6 +83,11 @@ def test_a_bad_value_is_one_line_with_the_range(override: str, message: str) -> 
      "stabilizer.freeze.embeddings='maybe'"),
     (("stabilizer=llrd", "stabilizer.llrd.decay=abc"), "stabilizer.llrd.decay='abc'"),
     (("stabilizer=reinit_top", "stabilizer.reinit.pooler=2"), "stabilizer.reinit.pooler=2"),
+    (("stabilizer=lora", "stabilizer.lora.r=0"), "stabilizer.lora.r=0"),
+    (("stabilizer=lora", "stabilizer.lora.r=2.5"), "stabilizer.lora.r=2.5"),
+    (("stabilizer=lora", "stabilizer.lora.alpha=0"), "stabilizer.lora.alpha=0"),
+    (("stabilizer=lora", "stabilizer.lora.dropout=1"), "stabilizer.lora.dropout=1"),
+    (("stabilizer=lora", "stabilizer.lora.dropout=-0.1"), "stabilizer.lora.dropout=-0.1"),
 ])
 def test_stabilizer_knobs_of_the_wrong_type(overrides: tuple[str, ...], key: str) -> None:
     assert error_of(*overrides).startswith(f"{key}: expected ")
@@ -94,6 +106,8 @@ def test_the_key_the_user_set_is_named_not_the_one_that_copies_it() -> None:
     ("+trainer.limit_train_batches=0.5",), ("+trainer.limit_train_batches=null",),
     ("task.lr=1e-5",), ("experiment=smoke",),
     ("experiment=quickstart",), ("experiment=study_biosses",), ("stabilizer=[llrd,reinit_top]",),
+    ("stabilizer=lora", "stabilizer.lora.dropout=0"), ("trainer=gpu",),
+    ("trainer.precision=bf16-mixed",), ("trainer.precision=32",),
 ])
 def test_good_values_pass(overrides: tuple[str, ...]) -> None:
     check_settings(compose(["model=tiny", *overrides]))
@@ -119,7 +133,8 @@ def test_every_task_and_experiment_passes_as_shipped() -> None:
 
 def test_every_setting_is_a_key_of_the_config() -> None:
     """A renamed key must not leave its check behind, silently skipped."""
-    cfg = compose(["model=tiny", "stabilizer=[freeze_lower,reinit_top,llrd]",
+    cfg = compose(["model=tiny", "stabilizer=[freeze_lower,reinit_top,llrd,lora]",
+                   "+trainer.matmul_precision=high",
                    "+stabilizer.recommended.low_resource=1000", "+trainer.limit_train_batches=1",
                    "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
     from omegaconf import OmegaConf

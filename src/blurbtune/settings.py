@@ -29,14 +29,19 @@ class Setting:
     low: float | None = None  # inclusive unless `above`
     high: float | None = None  # inclusive
     above: bool = False  # low is exclusive: > low
+    below: bool = False  # high is exclusive: < high
     null: str = ""  # what null means, when null is allowed
     extra: int | None = None  # one more allowed value outside the range (max_steps: -1)
+    choices: tuple = ()  # kind "choice": the values allowed, as written in a config
+
 
     def allows(self, value: Any) -> bool:
         if value is None:
             return bool(self.null)
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "choice":
+            return not isinstance(value, bool) and value in self.choices
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.kind == "count_or_fraction":
@@ -49,18 +54,22 @@ class Setting:
         if self.extra is not None and value == self.extra:
             return True
         low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
-        return low_ok and (self.high is None or value <= self.high)
+        high_ok = self.high is None or (value < self.high if self.below else value <= self.high)
+        return low_ok and high_ok
 
     def expected(self) -> str:
         """What the key accepts, in words: `an integer ≥ 1`, `a number in [0, 1]`..."""
         if self.kind == "bool":
             what = "true or false"
+        elif self.kind == "choice":
+            what = "one of " + ", ".join(dict.fromkeys(str(c) for c in self.choices))
         elif self.kind == "count_or_fraction":
             what = "a number of batches ≥ 1, or a fraction in (0, 1]"
         else:
             what = "an integer" if self.kind == "int" else "a number"
             if self.low is not None and self.high is not None:
-                what += f" in {'(' if self.above else '['}{_num(self.low)}, {_num(self.high)}]"
+                what += (f" in {'(' if self.above else '['}{_num(self.low)}, "
+                         f"{_num(self.high)}{')' if self.below else ']'}")
             elif self.low is not None:
                 what += f" {'>' if self.above else '≥'} {_num(self.low)}"
             if self.extra is not None:
@@ -87,7 +96,11 @@ def _bool(key: str, **kw: Any) -> Setting:
     return Setting(key, "bool", **kw)
 
 
-SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
+SEED_MAX = 2**64 - 1
+# What Lightning 2.6's Trainer(precision=...) accepts (transformer-engine needs its own package).
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
+              "32", "16", "bf16", "64", 32, 16, 64, "transformer-engine",
+              "transformer-engine-float16")  # torch.manual_seed takes at most 64 bits
 
 # In checking order: a key before the keys that interpolate it (task.lr before optimizer.lr),
 # so that the message names the key the user set.
@@ -129,6 +142,12 @@ SETTINGS: tuple[Setting, ...] = (
     _bool("stabilizer.reinit.pooler"),
     _float("stabilizer.llrd.decay"),
     _int("stabilizer.recommended.low_resource", 0),
+    _int("stabilizer.lora.r", 1),
+    _float("stabilizer.lora.alpha", 0, above=True),
+    _float("stabilizer.lora.dropout", 0, high=1, below=True),
+    Setting("trainer.precision", "choice", choices=PRECISIONS),
+    Setting("trainer.matmul_precision", "choice", choices=("highest", "high", "medium"),
+            null="torch's default"),
 )
 
 
