@@ -37,18 +37,18 @@ def trainer_summary() -> str:
 
 
 def selection_rows(runs: Path = STUDY / "runs") -> list[dict]:
-    """Per completed run at the study's lr: its setting, seed, the test score of its best-on-dev
-    epoch and of its last epoch, and, where the run recorded test at every epoch
+    """Per completed run: its setting (stabilizer and lr), seed, the test score of its
+    best-on-dev epoch and of its last epoch, and, where the run recorded test at every epoch
     (`test_every_epoch`), the best test score over its epochs (an oracle: it looks at test)."""
     import json
 
     rows = []
     for path in sorted(runs.glob("*/results.json")):
         r = json.loads(path.read_text())
-        if r.get("status") != "completed" or r.get("lr") != LR:
+        if r.get("status") != "completed":
             continue
         tests = [h["test"] for h in r["history"] if "test" in h]
-        rows.append({"stabilizer": r["stabilizer"], "seed": r["seed"],
+        rows.append({"stabilizer": r["stabilizer"], "lr": r["lr"], "seed": r["seed"],
                      "best_on_dev": r["test"]["best"], "last": r["test"]["last"],
                      "oracle": max(tests) if len(tests) == len(r["history"]) else None})
     return rows
@@ -65,11 +65,12 @@ def selection_markdown(rows: list[dict]) -> str:
         v = 100 * np.asarray(values)
         return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
-    lines = ["| Stabilizer | n | Best-on-dev epoch | Last epoch | Δ best-on-dev - last "
+    lines = ["| Stabilizer | lr | n | Best-on-dev epoch | Last epoch | Δ best-on-dev - last "
              "(paired t) | n (oracle) | Best test epoch (oracle) | Δ oracle - best-on-dev |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in sorted({r["stabilizer"] for r in rows}, key=lambda n: (n != "none", n)):
-        mine = [r for r in rows if r["stabilizer"] == name]
+             "|---|---|---|---|---|---|---|---|---|"]
+    settings = {(r["stabilizer"], r["lr"]) for r in rows}
+    for name, lr in sorted(settings, key=lambda s: (s[0] != "none", s[0], s[1] != LR, s[1])):
+        mine = [r for r in rows if (r["stabilizer"], r["lr"]) == (name, lr)]
         best = [r["best_on_dev"] for r in mine]
         last = [r["last"] for r in mine]
         diff = 100 * (np.asarray(best) - np.asarray(last))
@@ -77,7 +78,7 @@ def selection_markdown(rows: list[dict]) -> str:
         seen = [r for r in mine if r["oracle"] is not None]
         gap = 100 * np.asarray([r["oracle"] - r["best_on_dev"] for r in seen])
         lines.append(
-            f"| {name} | {len(mine)} | {cell(best)} | {cell(last)} | {diff.mean():+.2f} "
+            f"| {name} | {lr:g} | {len(mine)} | {cell(best)} | {cell(last)} | {diff.mean():+.2f} "
             f"({'p=' + format(p, '.3f') if p is not None else 'no test'}) | {len(seen)} | "
             + (f"{cell([r['oracle'] for r in seen])} | {gap.mean():+.2f}" if seen else "- | -")
             + " |")

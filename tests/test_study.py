@@ -94,8 +94,9 @@ def test_selection_table_against_the_runs_read_directly() -> None:
     oracle = [max(h["test"] for h in r["history"]) for r in mine
               if all("test" in h for h in r["history"])]
     p = stats.ttest_rel(best, last).pvalue
-    row = next(line for line in _table(DOC.read_text()) if line.startswith("| none | "))
-    assert row.startswith(f"| none | {len(mine)} | {100 * best.mean():.2f} ± "
+    row = next(line for line in _table(DOC.read_text())
+               if line.startswith(f"| none | {STUDY_DOC.LR:g} | "))
+    assert row.startswith(f"| none | {STUDY_DOC.LR:g} | {len(mine)} | {100 * best.mean():.2f} ± "
                           f"{100 * best.std(ddof=1):.2f} | {100 * last.mean():.2f} ± ")
     assert f"(p={p:.3f})" in row
     if oracle:
