@@ -432,19 +432,25 @@ def test_run_time_choices_group_by_what_was_applied(tmp_path: Path) -> None:
         (False, 2), (True, 1)]
 
 
-def test_a_key_added_later_reads_as_what_older_runs_did(tmp_path: Path) -> None:
-    """A run made before `trainer.compile` existed ran uncompiled: it groups with
-    `trainer.compile=false`, and apart from `true`."""
+@pytest.mark.parametrize("key, line, other", [
+    ("trainer.compile", "  compile: false\n", "true"),
+    ("model.new_head", "  new_head: false\n", "true"),
+    ("trainer.max_steps", "  max_steps: -1\n", "5"),
+])
+def test_a_key_added_later_reads_as_what_older_runs_did(tmp_path: Path, key: str, line: str,
+                                                        other: str) -> None:
+    """A run made before a key existed ran as its default says (uncompiled, the saved head
+    kept, no limit on steps): it groups with runs that set the default, and apart from others."""
     root = tmp_path / "sweep"
     old = write_run(root, seed=0, config=[], folder=root / "old")
     config = old / ".hydra" / "config.yaml"
-    config.write_text(config.read_text().replace("  compile: false\n", ""))
-    assert "compile" not in config.read_text()
-    write_run(root, seed=1, config=["trainer.compile=false"], folder=root / "new")
-    write_run(root, seed=2, config=["trainer.compile=true"], folder=root / "compiled")
+    assert line in config.read_text()
+    config.write_text(config.read_text().replace(line, ""))
+    default = {"trainer.compile": "false", "model.new_head": "false", "trainer.max_steps": "-1"}
+    write_run(root, seed=1, config=[f"{key}={default[key]}"], folder=root / "new")
+    write_run(root, seed=2, config=[f"{key}={other}"], folder=root / "changed")
     summary = summary_of(root, tmp_path / "out")
-    assert sorted(zip(summary["trainer.compile"], summary.runs, strict=True)) == [
-        (False, 2), (True, 1)]
+    assert sorted(summary.runs) == [1, 2]
 
 
 def test_folders_without_config_group_by_results(tmp_path: Path) -> None:

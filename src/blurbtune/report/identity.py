@@ -74,7 +74,8 @@ REQUESTED_STABILIZER = "stabilizer"
 APPLIED = {"data.group_by_length": "group_by_length"}
 # Keys added to the config after runs were made with the behaviour they now name: a run whose
 # config lacks one ran as this value says, and groups with new runs that set it so.
-ADDED_KEYS = {"trainer.compile": False}
+# (The BIOSSES study's first seeds predate model.new_head and trainer.max_steps.)
+ADDED_KEYS = {"trainer.compile": False, "model.new_head": False, "trainer.max_steps": -1}
 
 # Keys the tables show in their own columns (Task, Stabilizer, Knobs, lr, bs).
 SHOWN = (TASK, STABILIZER, KNOBS, LR, BATCH_SIZE)
