@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from blurbtune.settings import MATMUL_PRECISIONS
+
 
 def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Seed 0 is a seed like any other."""
@@ -52,7 +54,7 @@ def set_matmul_precision(precision: str | None) -> dict:
     The GPU preset asks for "high": TF32 on Ampere and later, a no-op on CPU.
     """
     if precision is not None:
-        if precision not in ("highest", "high", "medium"):
+        if precision not in MATMUL_PRECISIONS:
             raise ValueError(f"trainer.matmul_precision={precision!r}; expected highest, high or "
                              "medium")
         torch.set_float32_matmul_precision(precision)

@@ -34,7 +34,6 @@ class Setting:
     extra: int | None = None  # one more allowed value outside the range (max_steps: -1)
     choices: tuple = ()  # kind "choice": the values allowed, as written in a config
 
-
     def allows(self, value: Any) -> bool:
         if value is None:
             return bool(self.null)
@@ -96,11 +95,13 @@ def _bool(key: str, **kw: Any) -> Setting:
     return Setting(key, "bool", **kw)
 
 
-SEED_MAX = 2**64 - 1
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 # What Lightning 2.6's Trainer(precision=...) accepts (transformer-engine needs its own package).
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
               "32", "16", "bf16", "64", 32, 16, 64, "transformer-engine",
-              "transformer-engine-float16")  # torch.manual_seed takes at most 64 bits
+              "transformer-engine-float16")
+# What torch.set_float32_matmul_precision accepts.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 # In checking order: a key before the keys that interpolate it (task.lr before optimizer.lr),
 # so that the message names the key the user set.
@@ -146,7 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     _float("stabilizer.lora.alpha", 0, above=True),
     _float("stabilizer.lora.dropout", 0, high=1, below=True),
     Setting("trainer.precision", "choice", choices=PRECISIONS),
-    Setting("trainer.matmul_precision", "choice", choices=("highest", "high", "medium"),
+    Setting("trainer.matmul_precision", "choice", choices=MATMUL_PRECISIONS,
             null="torch's default"),
 )
 
