@@ -290,3 +290,17 @@ def test_recipe_lrs_are_the_task_configs():
     gpu_study = _script("gpu_study")
     for task, lr in gpu_study.RECIPE_LR.items():
         assert compose([f"task={task}"]).task.lr == lr
+
+
+def test_lr_pilot_block_from_what_a_call_returns(tmp_path):
+    """docs/study.md's lr-pilot block, made by scripts/study_doc.py from the `pilot-<task>/`
+    folders of a call's archive (here: the stand-in runner's), against the table by hand."""
+    gpu_study, study_doc = _script("gpu_study"), _script("study_doc")
+    args = _args(gpu_study, tmp_path, "--tasks", "pubmedqa", "--pilot-seeds", "100,101")
+    runner = _fake_sweeps({3e-5: 0.54, 1e-4: 0.70, 3e-4: 0.60}, [])
+    gpu_study.run_tasks(["pubmedqa"], [], args, {}, time.monotonic() + 1000, runner)
+    assert study_doc.lr_pilot_markdown(args.work).splitlines()[2:] == [
+        "| pubmedqa | 3e-05 | 100, 101 | 54.0, 54.0 | 54.0 | 2/2 |  |",
+        "| pubmedqa | 0.0001 | 100, 101 | 70.0, 70.0 | 70.0 | 0/2 | yes |",
+        "| pubmedqa | 0.0003 | 100, 101 | 60.0, 60.0 | 60.0 | 0/2 |  |"]
+    assert "no pilot has run yet" in study_doc.lr_pilot_markdown(tmp_path / "empty")
