@@ -54,21 +54,23 @@ By tokens x epochs GAD is cheapest, but MiniLM on an H200 is bound by kernel lau
 work, not arithmetic (MFU under 1%), so its time follows the steps: docs/benchmark.md measured
 one run's training epoch on the H200 at 5.0 s for GAD (134 steps) and 1.4 s for PubMedQA (29),
 i.e. 50 s against 28 s a run. The order is therefore PubMedQA (580 steps), GAD (1340), HoC
-(1620 steps, and 5.6x GAD's and 3.1x PubMedQA's tokens x epochs); `--tasks` changes it.
+(1620 steps, and 5.6x GAD's and 3.1x PubMedQA's tokens x epochs); `--tasks` changes it. GAD's
+study is done (docs/study/gpu/gad), so the default is PubMedQA, then HoC.
 
 Budget. The device allows 10 minutes a command and 15 of device time a session, machine start
-included. `--budget` (default 540 s: 9 minutes, for `run`'s timeout_s=600) counts from this script's
-start: a task is started only if the time left covers its first stack's predicted time
-(scaled from the tasks already run by the larger of the steps and tokens ratios; at least
-`--min-task-s`), and a running task gets SIGTERM (its members checkpoint and record
-`interrupted`), then SIGKILL `--grace-s` later, when `--pack-s` seconds are left, so that
-packing always happens. The grace must cover a stopped stack writing its members' resume
-checkpoints (347 MiB a MiniLM member, 3.4 GiB a stack of 10, `--jobs` stacks at once): a
-stack killed before it has written them begins again from epoch 0 (seen on the H200 with a
-15 s grace: ../shared/gpu-runs/README.md), so the default is 60 s, and `--pack-s` must exceed it.
+included. `--budget` (default 540 s: 9 minutes, for `run`'s timeout_s=600) counts from this
+script's start: a task is started only with `--min-task-s` left; its study only with the whole
+stabilizers predicted to fit (from its pilot's wall time, or, without a pilot, scaled from the
+last task run whole by the larger of the steps and tokens ratios), and a running sweep gets
+SIGTERM (its members checkpoint and record `interrupted`), then SIGKILL `--grace-s` later, when
+`--pack-s` seconds are left, so that packing always happens. The grace must cover a stopped
+stack writing its members' resume checkpoints (347 MiB a MiniLM member, 3.4 GiB a stack of
+10, `--jobs` stacks at once): a stack killed before it has written them begins again from
+epoch 0 (seen on the H200 with a 15 s grace: ../shared/gpu-runs/README.md), so the default is
+60 s, and `--pack-s` must exceed it.
 If the stacked sweep of a task gives no result at all (no run completed or diverged; stacking
 has not yet run on a GPU), the task is run again unstacked, `--fallback-jobs` runs at a time
-(`hydra/launcher=parallel`), and so are the tasks after it.
+(`hydra/launcher=parallel`), and so are the sweeps after it.
 """
 
 from __future__ import annotations
