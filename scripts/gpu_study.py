@@ -59,9 +59,10 @@ study is done (docs/study/gpu/gad), so the default is PubMedQA, then HoC.
 
 Budget. The device allows 10 minutes a command and 15 of device time a session, machine start
 included. `--budget` (default 540 s: 9 minutes, for `run`'s timeout_s=600) counts from this
-script's start: a task is started only with `--min-task-s` left; its study only with the whole
-stabilizers predicted to fit (from its pilot's wall time, or, without a pilot, scaled from the
-last task run whole by the larger of the steps and tokens ratios), and a running sweep gets
+script's start: a task is started only with `--min-task-s` left and time for a round of its
+stacks, predicted from the last round measured (a pilot, or a round of `--jobs` study stacks)
+scaled by the larger of the steps and tokens ratios; its study only with the whole
+stabilizers predicted to fit (from its own pilot's wall time where it had one); a running sweep gets
 SIGTERM (its members checkpoint and record `interrupted`), then SIGKILL `--grace-s` later, when
 `--pack-s` seconds are left, so that packing always happens. The grace must cover a stopped
 stack writing its members' resume checkpoints (347 MiB a MiniLM member, 3.4 GiB a stack of
@@ -407,16 +408,16 @@ def pack(sweeps: list[tuple[str, Path]], target: Path) -> int:
     return size
 
 
-def predict_first_stack(task: str, measured: list[dict]) -> float | None:
-    """Seconds the task's first stack should take, scaled from the last task that ran whole
-    by the larger of the steps and the tokens x epochs ratios."""
-    whole = [m for m in measured if m["status"] == "done" and m["wall_s"] > 0]
-    if not whole:
+def predict_round(task: str, rounds: list[tuple[str, float]]) -> float | None:
+    """Seconds a round of stacks of `task` (a pilot, or `--jobs` stacks of its study) should
+    take, scaled from the last round measured, `(task, seconds)`, by the larger of the steps
+    and the tokens x epochs ratios; None where nothing was measured."""
+    if not rounds:
         return None
-    ref = whole[-1]
+    ref, seconds = rounds[-1]
     tokens, steps = COSTS[task]
-    rtokens, rsteps = COSTS[ref["task"]]
-    return ref["wall_s"] * max(tokens / rtokens, steps / rsteps) / len(STUDY_STABILIZERS)
+    rtokens, rsteps = COSTS[ref]
+    return seconds * max(tokens / rtokens, steps / rsteps)
 
 
 def default_work() -> Path:
@@ -537,25 +538,26 @@ def run_tasks(tasks: list[str], common: list[str], args: argparse.Namespace, env
     """Each task's pilot (where planned) and study, in order, within the budget; one summary
     entry per task."""
     stacked, entries = True, []
+    rounds: list[tuple[str, float]] = []  # (task, seconds) of each sweep round that ran whole
     plan = task_plan(args, tasks)
     for task in tasks:
         entry: dict = {"task": task, "status": "not started", "wall_s": 0, "attempts": []}
         entries.append(entry)
         left = stop_all - time.monotonic()
-        if left < args.min_task_s:
-            say(f"{task}: not started ({left:.0f}s left)")
+        lr, round_s = plan[task], predict_round(task, rounds)
+        if left < max(args.min_task_s, round_s or 0):
+            say(f"{task}: not started ({left:.0f}s left, a round predicted {round_s or 0:.0f}s)")
             continue
-        lr, round_s = plan[task], None
         if lr is None:
             entry["pilot"], stacked = run_pilot(task, common, args, env, stop_all, stacked, runner)
-            lr, round_s = entry["pilot"]["chosen"], entry["pilot"]["wall_s"]
+            lr = entry["pilot"]["chosen"]
+            if entry["pilot"]["attempts"][-1]["status"] == "done":
+                round_s = entry["pilot"]["wall_s"]
+                rounds.append((task, round_s))
             if lr is None:
                 entry["status"] = "no lr of the pilot learned: study not run"
                 say(f"{task}: {entry['status']}")
                 continue
-        else:
-            need = predict_first_stack(task, entries[:-1])
-            round_s = None if need is None else need * min(args.jobs, len(STUDY_STABILIZERS))
         entry["lr"] = lr
         left = stop_all - time.monotonic()
         fit = stabilizers_that_fit(left, round_s, args.jobs)
@@ -572,6 +574,8 @@ def run_tasks(tasks: list[str], common: list[str], args: argparse.Namespace, env
                                          extra=extra)
         entry.update(status=attempts[-1]["status"], wall_s=attempts[-1]["wall_s"],
                      attempts=attempts, stabilizers=list(chosen))
+        if entry["status"] == "done":
+            rounds.append((task, entry["wall_s"] / -(-fit // max(1, args.jobs))))
     return entries
 
 

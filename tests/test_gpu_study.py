@@ -266,6 +266,17 @@ def test_a_study_starts_only_the_whole_stabilizers_that_fit():
     assert tuple(STABILIZERS) == gpu_study.STUDY_STABILIZERS
 
 
+def test_a_round_is_predicted_from_the_last_one_measured():
+    """HoC's round from PubMedQA's: the larger of the tokens x epochs ratio (9,110,640 /
+    2,917,240 = 3.12) and the steps ratio (1620 / 580 = 2.79), by hand."""
+    gpu_study = _script("gpu_study")
+    assert gpu_study.predict_round("hoc", []) is None
+    assert gpu_study.predict_round("hoc", [("gad", 50.0), ("pubmedqa", 200.0)]) == \
+        pytest.approx(200.0 * 9_110_640 / 2_917_240)
+    assert gpu_study.predict_round("pubmedqa", [("hoc", 600.0)]) == \
+        pytest.approx(600.0 * 580 / 1620)
+
+
 def test_lr_given_skips_the_pilot(tmp_path):
     gpu_study = _script("gpu_study")
     args = _args(gpu_study, tmp_path, "--lr", "pubmedqa=1e-4", "--pilot", "pubmedqa,hoc")
