@@ -594,6 +594,11 @@ def main() -> None:
     tasks = [t for t in args.tasks.split(",") if t]
     pilots = [t for t in args.pilot.split(",") if t]
     given = [item.partition("=")[0] for item in args.lr]
+    for item in args.lr:
+        try:
+            float(item.partition("=")[2])
+        except ValueError:
+            parser.error(f"--lr {item}: expected TASK=LR, e.g. pubmedqa=1e-4")
     unknown = sorted(set(tasks + pilots + given) - set(COSTS))
     if unknown:
         parser.error(f"--tasks/--pilot/--lr: unknown {unknown}; known: {', '.join(COSTS)}")

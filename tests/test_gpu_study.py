@@ -287,7 +287,8 @@ def test_lr_given_skips_the_pilot(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--pilot-seeds", "100,3"], "may not be a study seed"),
     (["--grace-s", "90", "--pack-s", "60"], "must exceed --grace-s"),
-    (["--tasks", "pubmedqa,biosses"], "unknown ['biosses']")])
+    (["--tasks", "pubmedqa,biosses"], "unknown ['biosses']"),
+    (["--lr", "pubmedqa"], "expected TASK=LR")])
 def test_bad_flags_are_one_clear_error(tmp_path, flags, message):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_study.py"),
                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
