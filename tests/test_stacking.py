@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -279,13 +280,16 @@ def test_a_diverged_member_stops_and_the_others_go_on(tmp_path, cache, monkeypat
     single = tmp_path / "single"
     run(tiny_config(single, cache, *COMMON, "task=hoc", "trainer.max_epochs=3", "seed=0"))
     stack = tmp_path / "stack"
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m.setattr(module_code.stacking, "forward", failing)
         run(tiny_config(stack, cache, *COMMON, "task=hoc", "trainer.max_epochs=3",
                         "stack=[0,1]"))
+    assert not [w for w in caught if "requires_grad" in str(w.message)]  # the check detaches
     diverged = _results(stack / "seed=1")
     assert diverged["status"] == "diverged"
-    assert diverged["error"] == "DivergedError: training loss became nan at epoch 1, step 5"
+    # the epoch as the bar counts it: the second of three (history's epoch 0 is the first)
+    assert diverged["error"] == "DivergedError: training loss became nan at epoch 2/3, step 5"
     assert diverged["stage"] == "training"
     assert [h["epoch"] for h in diverged["history"]] == [0]
     assert diverged["checkpoint"] is None and not (stack / "seed=1" / "checkpoints").exists()

@@ -11,6 +11,9 @@ the libraries' own switches, each as narrowly as it can be:
 - huggingface_hub's warnings, printed twice (its own handler, then the root's): propagation off.
 - torch's `_pytree` deprecation raised inside Lightning: a warnings filter on that message from
   that module.
+- Lightning's `log_every_n_steps` advice when an epoch has fewer batches than the interval
+  (BIOSSES: 4): a warnings filter on that message; the metrics logger still writes every
+  `log_every_n_steps`-th step of the run.
 - transformers' weight-loading bar and LOAD REPORT: see `blurbtune.models` (the report is shown
   when a key of the encoder is missing or unexpected).
 
@@ -20,6 +23,7 @@ Importing this module is cheap (the logging config names its classes before anyt
 from __future__ import annotations
 
 import logging
+import statistics
 import sys
 import warnings
 from collections.abc import Iterator
@@ -58,6 +62,8 @@ def quiet_libraries() -> None:
     hub_logging.disable_propagation()  # it has its own handler: one copy, not two
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
                             module=r"pytorch_lightning\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller "
+                            r"than the logging interval")
 
 
 def progress_bar(trainer_cfg: Any, callbacks: list) -> list:
@@ -102,7 +108,7 @@ def stack_summary(seeds: list[int], module: Any, metric: str) -> str:
         line += f", {len(diverged)} diverged (seed {', '.join(diverged)})"
     if scores:
         line += (f"; dev {metric} best min {scores[0]:.4f}, median "
-                 f"{scores[len(scores) // 2]:.4f}, max {scores[-1]:.4f}")
+                 f"{statistics.median(scores):.4f}, max {scores[-1]:.4f}")
     return line
 
 

@@ -577,7 +577,7 @@ def _write_predictions(folder: Path, kind: Any, task: Any, dm: BlurbDataModule,
 def _print_summary(r: dict, out: Path) -> None:
     m = r["metric"]
     print(f"\n{r['task']} / {r['model']} / {r['stabilizer']} / seed {r['seed']}: "
-          f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch']}), "
+          f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch'] + 1}), "
           f"last {r['dev']['last']:.4f}; test best {r['test']['best']:.4f}, "
           f"last {r['test']['last']:.4f} (constant predictor: {r['baseline']['test']:.4f})")
     reasons = []
