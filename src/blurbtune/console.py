@@ -55,6 +55,20 @@ class ConsoleFormatter(logging.Formatter):
         return f"{record.levelname} ({record.name}): {message}"
 
 
+def log_to_console() -> None:
+    """Outside Hydra (`blurbtune verify`): the run's console logging (ConsoleFilter and
+    ConsoleFormatter on the root logger, INFO and up). Call it before Lightning is imported:
+    Lightning gives its logger a handler of its own when the root logger has none."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, ConsoleFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(ConsoleFilter())
+    handler.setFormatter(ConsoleFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def quiet_libraries() -> None:
     """Switch off the library messages that say nothing about the run (idempotent)."""
     from huggingface_hub.utils import logging as hub_logging
