@@ -1,4 +1,4 @@
-"""What a plain run prints: nothing outside the list the README promises (issue 10)."""
+"""What a plain run prints: nothing outside the list docs/runs.md promises (issue 10)."""
 
 from __future__ import annotations
 

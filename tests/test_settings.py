@@ -170,6 +170,6 @@ def test_a_bad_value_in_a_sweep_skips_that_run_and_the_sweep_goes_on(tmp_path: P
     assert not (bad / "results.json").exists() and not (bad / "param_groups.json").exists()
 
 
-def test_the_readme_lists_every_setting() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert [s.key for s in SETTINGS if f"`{s.key}`" not in readme] == []
+def test_the_docs_list_every_setting() -> None:
+    page = (REPO / "docs" / "reproducibility.md").read_text()
+    assert [s.key for s in SETTINGS if f"`{s.key}`" not in page] == []

@@ -297,7 +297,7 @@ def test_a_diverged_member_stops_and_the_others_go_on(tmp_path, cache, monkeypat
     assert_same_run(single, stack / "seed=0")
 
 
-def test_a_stack_refuses_what_would_not_train_each_member_exactly():
+def test_a_stack_refuses_what_would_not_train_each_member_exactly(monkeypatch):
     from omegaconf import OmegaConf
 
     from blurbtune.errors import ConfigError
@@ -306,10 +306,18 @@ def test_a_stack_refuses_what_would_not_train_each_member_exactly():
     for trainer, said in (({"precision": "16-mixed"}, "fp16 shares one gradient scaler"),
                           ({"devices": 2}, "a stack trains on one device"),
                           ({"strategy": "ddp"}, "a stack trains on one device"),
-                          ({"compile": True}, "trainer.compile=true")):
+                          ({"compile": True}, "trainer.compile=true"),
+                          ({"precision": "bf16-mixed", "accelerator": "cpu"},
+                           "bf16-mixed on a CPU")):
         with pytest.raises(ConfigError, match=said):
             stacking.check_stackable(OmegaConf.create({**base, "trainer": trainer}))
-    stacking.check_stackable(OmegaConf.create({**base, "trainer": {"precision": "bf16-mixed"}}))
+    bf16 = {**base, "trainer": {"precision": "bf16-mixed", "accelerator": "gpu"}}
+    stacking.check_stackable(OmegaConf.create(bf16))
+    with monkeypatch.context() as m:  # auto picks the CPU where there is no CUDA device
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ConfigError, match="bf16-true on a CPU"):
+            stacking.check_stackable(OmegaConf.create(
+                {**base, "trainer": {"precision": "bf16-true"}}))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2",
