@@ -154,3 +154,20 @@ def test_the_stack_summary_gives_its_members_median() -> None:
     line = stack_summary([0, 1], module, "pearson")
     assert line.endswith(f"min 0.2628, median {np.median(scores):.4f}, max 0.3978")
     assert "median 0.3303" in line
+
+
+@pytest.mark.slow
+def test_no_bar_is_drawn_after_a_failed_runs_error_line(tmp_path: Path) -> None:
+    """The bars of a run that stops with an error are closed before its error line is printed,
+    not redrawn below it when the process exits (one stream, as a terminal shows both)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "task=biosses",
+           f"data_dir={FIXTURES}", f"data.cache_dir={tmp_path / 'cache'}", "optimizer.lr=1e30",
+           "trainer.max_epochs=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=600, env=env)
+    raw = done.stdout.decode()
+    assert done.returncode == 2, raw[-3000:]
+    tail = raw[raw.rindex("error: "):]
+    expected = r"error: training loss became nan at epoch 1/2, step \d+"
+    assert re.fullmatch(expected, tail.rstrip("\n")), tail

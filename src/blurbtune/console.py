@@ -184,6 +184,14 @@ def _bar_class() -> type:
             if self._train_progress_bar is not None:
                 self.train_progress_bar.close()
 
+        def on_exception(self, *_: Any) -> None:
+            # Closed now, not when the process exits: after the run's error line, a bar
+            # closed at exit would be drawn again below it.
+            for bar in (self._train_progress_bar, self._val_progress_bar,
+                        self._test_progress_bar):
+                if bar is not None:
+                    bar.close()
+
         def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                                       batch_idx: int, dataloader_idx: int = 0) -> None:
             if self.has_dataloader_changed(dataloader_idx):
