@@ -3,7 +3,13 @@
 The convention (stated at the top of each document):
 - every command in a ```bash block is run by this test, in order, in a fresh folder, on the
   tiny model (a hub model is swapped for it, keeping its name, so folder names stay as
-  documented) and the test fixtures (BLURB_DATA_DIR), with few examples and one epoch;
+  documented), with few examples and one epoch;
+- the README is run as a newcomer's shell has it, with no BLURB_DATA_DIR: its commands find
+  data only where it says where the data goes (`export BLURB_DATA_DIR=...`, which this test
+  runs: `/path/to/blurb` and `$PWD/tests/fixtures/blurb` are the test fixtures); the pages
+  under docs/ are read after it, so they run with BLURB_DATA_DIR set to the fixtures;
+- `export NAME=VALUE` sets NAME for the document's later commands, and `$NAME` in a command
+  is expanded as a shell would;
 - a command that cannot run here ends with `# needs: <what>` (BLURB data, a GPU, a cluster,
   the network); a block whose first line is `# needs: <what>` is marked as a whole;
 - a ```text block that follows a ```bash block (before any other block) is what the block's
@@ -87,8 +93,15 @@ def commands(path: Path) -> list[Command]:
 
 def _is_runnable(cmd: Command) -> bool:
     words = shlex.split(cmd.text, comments=True)
+    if words[:1] == ["export"]:
+        return len(words) == 2 and "=" in words[1]
     return (words[:2] == ["python", "train.py"] or words[:1] in (["blurbtune"], ["ls"])) and \
         "&&" not in words and "|" not in words
+
+
+def _expand(word: str, env: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` as a shell expands them (an unset name: empty)."""
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}", lambda m: env.get(m[1] or m[2], ""), word)
 
 
 def test_every_command_is_run_or_marked() -> None:
@@ -175,12 +188,19 @@ def run_doc(path: Path, workdir: Path) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BLURB_DATA_DIR": str(FIXTURES),
            "BLURBTUNE_CACHE": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    if path.name == "README.md":  # a newcomer's shell: the README must say where data goes
+        del env["BLURB_DATA_DIR"]
     (workdir / "train.py").symlink_to(ROOT / "train.py")
     problems = []
     for cmd in commands(path):
         if cmd.needs is not None:
             continue
         words = [PLACEHOLDERS.get(w, w) for w in shlex.split(cmd.text, comments=True)]
+        if words[0] == "export":  # run from the repository's root, as the README is read
+            name, _, value = words[1].partition("=")
+            env[name] = _expand(PLACEHOLDERS.get(value, value), {**env, "PWD": str(ROOT)})
+            continue
+        words = [_expand(w, env) for w in words]
         if words[:2] == ["python", "train.py"]:
             argv = [sys.executable, "train.py", *train_argv(words[2:], exclude)]
         elif words[0] == "ls":  # a documented folder exists

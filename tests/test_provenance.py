@@ -106,6 +106,7 @@ def test_blurbtune_verify_says_identical_on_a_fresh_run(tmp_path):
     env = {**os.environ, "BLURB_DATA_DIR": str(FIXTURES),
            "BLURBTUNE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_WAIT_POLICY", None)  # as a user's shell has it
     train = [sys.executable, str(REPO / "train.py"), "model=tiny", "task=biosses",
              "trainer.max_epochs=1", "task.batch_size=8", "data.max_train_examples=16",
              "data.max_eval_examples=8", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -114,6 +115,14 @@ def test_blurbtune_verify_says_identical_on_a_fresh_run(tmp_path):
     done = subprocess.run(verify, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "identical: metrics and predictions reproduced" in done.stdout
+    # Its own rerun differs from the run in nothing it set itself (OpenMP's wait policy, as
+    # train.py sets it); the console is the run's (no Lightning INFO lines or tips); the
+    # temporary folder it named is said to be gone.
+    assert "provenance: no differences" in done.stdout
+    for noise in ("litlogger", "GPU available", "TPU available", "LOCAL_RANK"):
+        assert noise not in done.stdout + done.stderr, noise
+    assert done.stdout.strip().splitlines()[-1].startswith(
+        "the rerun's folder (named above) was temporary and is removed")
 
     # Tamper with the recorded predictions: verify must notice and exit 1.
     dev = tmp_path / "run" / "predictions" / "dev.jsonl"

@@ -62,6 +62,13 @@ def test_data_check_reproduces_the_shared_counts() -> None:
     assert results[("chemprot", "dev")].status == "ok"
     assert results[("ebmnlp", "train")].status == "missing"
     assert results[("ebmnlp", "test")].found == 16364
+    # The distributed dev file has more PICO-tagged words than Table 3, counted as test is
+    # (independently here: every word whose tag is not O).
+    lines = (SHARED / "ebmnlp" / "dev.tsv").read_text().splitlines()
+    tagged = sum(1 for line in lines if "\t" in line and line.rsplit("\t", 1)[1] != "O")
+    assert results[("ebmnlp", "dev")].found == tagged == 87308
+    assert results[("ebmnlp", "dev")].status == "known"
+    assert "test.tsv BLURB distributes matches" in results[("ebmnlp", "dev")].note
     assert results[("bc5chem", "train")].status == "missing"
 
 

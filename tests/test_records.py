@@ -61,6 +61,30 @@ def test_a_completed_run_with_other_data_is_refused_and_left_as_it_was(
     assert _snapshot(completed) == before
 
 
+def test_a_completed_run_is_refused_when_this_commands_data_cannot_be_read(
+        completed, tmp_path, cache):
+    """Data that is missing cannot be shown to be the recorded data: refused, not skipped."""
+    before = _snapshot(completed)
+    missing = tiny_config(completed, cache, "trainer.max_epochs=2", data_dir=tmp_path / "none")
+    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(data: the "
+                       r"recorded splits' sha256 -> this command's data cannot be read \(.*"
+                       r"no folder for task 'biosses'"):
+        run(missing)
+    assert _snapshot(completed) == before
+
+
+def test_a_members_refused_folder_is_said_once(tmp_path, cache, caplog):
+    """A stack command whose member folder holds another configuration: its other member
+    trains, and the refusal is the command's error, not also a logged ERROR line."""
+    stack = tmp_path / "stack"
+    run(tiny_config(stack / "seed=0", cache, "trainer.max_epochs=2", "seed=0"))
+    with caplog.at_level(logging.INFO, logger="blurbtune"), \
+            pytest.raises(ConfigError, match="seed=0 holds a run of another configuration"):
+        run(tiny_config(stack, cache, "trainer.max_epochs=1", "stack=[0,1]"))
+    assert not [r for r in caplog.records if "another configuration" in r.getMessage()]
+    assert json.loads((stack / "seed=1" / "results.json").read_text())["status"] == "completed"
+
+
 def test_settings_outside_the_folder_name_are_compared(completed, cache):
     before = _snapshot(completed)
     with pytest.raises(ConfigError) as info:

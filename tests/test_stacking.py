@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -279,13 +280,16 @@ def test_a_diverged_member_stops_and_the_others_go_on(tmp_path, cache, monkeypat
     single = tmp_path / "single"
     run(tiny_config(single, cache, *COMMON, "task=hoc", "trainer.max_epochs=3", "seed=0"))
     stack = tmp_path / "stack"
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m.setattr(module_code.stacking, "forward", failing)
         run(tiny_config(stack, cache, *COMMON, "task=hoc", "trainer.max_epochs=3",
                         "stack=[0,1]"))
+    assert not [w for w in caught if "requires_grad" in str(w.message)]  # the check detaches
     diverged = _results(stack / "seed=1")
     assert diverged["status"] == "diverged"
-    assert diverged["error"] == "DivergedError: training loss became nan at epoch 1, step 5"
+    # the epoch as the bar counts it: the second of three (history's epoch 0 is the first)
+    assert diverged["error"] == "DivergedError: training loss became nan at epoch 2/3, step 5"
     assert diverged["stage"] == "training"
     assert [h["epoch"] for h in diverged["history"]] == [0]
     assert diverged["checkpoint"] is None and not (stack / "seed=1" / "checkpoints").exists()
@@ -293,7 +297,7 @@ def test_a_diverged_member_stops_and_the_others_go_on(tmp_path, cache, monkeypat
     assert_same_run(single, stack / "seed=0")
 
 
-def test_a_stack_refuses_what_would_not_train_each_member_exactly():
+def test_a_stack_refuses_what_would_not_train_each_member_exactly(monkeypatch):
     from omegaconf import OmegaConf
 
     from blurbtune.errors import ConfigError
@@ -302,10 +306,18 @@ def test_a_stack_refuses_what_would_not_train_each_member_exactly():
     for trainer, said in (({"precision": "16-mixed"}, "fp16 shares one gradient scaler"),
                           ({"devices": 2}, "a stack trains on one device"),
                           ({"strategy": "ddp"}, "a stack trains on one device"),
-                          ({"compile": True}, "trainer.compile=true")):
+                          ({"compile": True}, "trainer.compile=true"),
+                          ({"precision": "bf16-mixed", "accelerator": "cpu"},
+                           "bf16-mixed on a CPU")):
         with pytest.raises(ConfigError, match=said):
             stacking.check_stackable(OmegaConf.create({**base, "trainer": trainer}))
-    stacking.check_stackable(OmegaConf.create({**base, "trainer": {"precision": "bf16-mixed"}}))
+    bf16 = {**base, "trainer": {"precision": "bf16-mixed", "accelerator": "gpu"}}
+    stacking.check_stackable(OmegaConf.create(bf16))
+    with monkeypatch.context() as m:  # auto picks the CPU where there is no CUDA device
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ConfigError, match="bf16-true on a CPU"):
+            stacking.check_stackable(OmegaConf.create(
+                {**base, "trainer": {"precision": "bf16-true"}}))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2",

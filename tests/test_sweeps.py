@@ -133,12 +133,17 @@ def _write_biosses(root: Path) -> Path:
     return root
 
 
-def _sweep(workdir, *overrides: str) -> subprocess.CompletedProcess:
+def _sweep(workdir, *overrides: str, status: int = 0) -> subprocess.CompletedProcess:
+    """Run a sweep; `status` 1: a run of it fails (the sweep ends so, after the others)."""
     cwd, env = workdir
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stderr.strip().splitlines()[-1]
 
 
 def _results(sweep: Path) -> dict[str, dict]:
@@ -162,7 +167,10 @@ def test_stability_sweep_survives_a_failure_resumes_and_reports(workdir):
     doomed.mkdir(parents=True)
     (doomed / "predictions").write_text("a file where the run writes its predictions folder")
 
-    _sweep(workdir, *grid)
+    failed = _sweep(workdir, *grid, status=1)
+    assert _last_line(failed).startswith("error: 1 run of this sweep failed, the others ran")
+    assert doomed.name in _last_line(failed)
+    assert not list(sweep.glob(".failed-runs-*"))
     first = _results(sweep)
     expected = {_folder(seed=s, stabilizer=st, **short) for s in range(3) for st in STABILIZERS}
     assert set(first) == expected
@@ -218,14 +226,47 @@ def test_two_seed_multirun_with_submitit_local(workdir):
 def test_bad_knob_and_divergence_are_recorded_and_the_sweep_goes_on(workdir):
     """Basic launcher: lr=1e30 makes the loss NaN (diverged); 99 layers is a bad knob (failed)."""
     cwd, _ = workdir
-    _sweep(workdir, *SHORT, "name=bad", "stabilizer=reinit_top", "optimizer.lr=1e30",
-           "stabilizer.reinit.layers=1,99")
+    failed = _sweep(workdir, *SHORT, "name=bad", "stabilizer=reinit_top", "optimizer.lr=1e30",
+                    "stabilizer.reinit.layers=1,99", status=1)
+    assert _last_line(failed).startswith("error: 1 run of this sweep failed")  # not the diverged
+    assert "stabilizer.reinit.layers=99" in _last_line(failed)
     results = _results(cwd / "outputs" / "multirun" / "bad")
     by_layers = {r["stabilizer_knobs"]["reinit.layers"]: r for r in results.values()}
     assert by_layers[1]["status"] == "diverged"
     assert by_layers[1]["error"].startswith("DivergedError: training loss became nan")
     assert by_layers[99]["status"] == "failed"
     assert "stabilizer.reinit.layers" in by_layers[99]["error"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_data_it_cannot_read_reuses_nothing_and_ends_non_zero(workdir):
+    """Issue 28: seeds 0-1 trained on the fixtures; the same sweep of seeds 0-2 pointed at a
+    folder with no data refuses their folders (their data cannot be shown to be this
+    command's), runs seed 2 (which fails), and exits 1 naming all three."""
+    cwd, _ = workdir
+    grid = [*SHORT, "name=data", "stabilizer=none"]
+    sweep = cwd / "outputs" / "multirun" / "data"
+    _sweep(workdir, *grid, "seed=range(2)")
+    before = {n: (sweep / n / "results.json").read_bytes() for n in _results(sweep)}
+    again = _sweep(workdir, *grid, "seed=range(3)", f"data_dir={cwd / 'nothing'}", status=1)
+    assert "already completed" not in again.stdout + again.stderr
+    assert (again.stdout + again.stderr).count("holds a run of another configuration") == 2
+    assert _last_line(again).startswith("error: 3 runs of this sweep failed")
+    assert {n: (sweep / n / "results.json").read_bytes() for n in before} == before
+    assert _results(sweep)[_folder(seed=2, stabilizer="none", **{
+        "trainer.max_epochs": 1, "trainer.limit_train_batches": 2})]["status"] == "failed"
+
+
+@pytest.mark.parametrize(("size", "shown"), [("0", "0"), ("abc", "'abc'"), ("1.5", "1.5"),
+                                           ("-1", "-1")])
+def test_a_bad_stack_size_is_one_line_before_any_run(workdir, size, shown):
+    cwd, _ = workdir
+    proc = _sweep(workdir, *SHORT, "seed=range(2)", "hydra/sweeper=stacked",
+                  f"hydra.sweeper.size={size}", status=2)
+    assert proc.stderr.strip().splitlines() == [
+        f"error: hydra.sweeper.size={shown}: "
+        "expected an integer ≥ 1 or auto (members per stack; auto: as many as a GPU holds)"]
+    assert not (cwd / "outputs").exists() or not list((cwd / "outputs").rglob("results.json"))
 
 
 @pytest.mark.slow

@@ -11,6 +11,9 @@ the libraries' own switches, each as narrowly as it can be:
 - huggingface_hub's warnings, printed twice (its own handler, then the root's): propagation off.
 - torch's `_pytree` deprecation raised inside Lightning: a warnings filter on that message from
   that module.
+- Lightning's `log_every_n_steps` advice when an epoch has fewer batches than the interval
+  (BIOSSES: 4): a warnings filter on that message; the metrics logger still writes every
+  `log_every_n_steps`-th step of the run.
 - transformers' weight-loading bar and LOAD REPORT: see `blurbtune.models` (the report is shown
   when a key of the encoder is missing or unexpected).
 
@@ -20,6 +23,7 @@ Importing this module is cheap (the logging config names its classes before anyt
 from __future__ import annotations
 
 import logging
+import statistics
 import sys
 import warnings
 from collections.abc import Iterator
@@ -51,6 +55,20 @@ class ConsoleFormatter(logging.Formatter):
         return f"{record.levelname} ({record.name}): {message}"
 
 
+def log_to_console() -> None:
+    """Outside Hydra (`blurbtune verify`): the run's console logging (ConsoleFilter and
+    ConsoleFormatter on the root logger, INFO and up). Call it before Lightning is imported:
+    Lightning gives its logger a handler of its own when the root logger has none."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, ConsoleFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(ConsoleFilter())
+    handler.setFormatter(ConsoleFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def quiet_libraries() -> None:
     """Switch off the library messages that say nothing about the run (idempotent)."""
     from huggingface_hub.utils import logging as hub_logging
@@ -58,6 +76,8 @@ def quiet_libraries() -> None:
     hub_logging.disable_propagation()  # it has its own handler: one copy, not two
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
                             module=r"pytorch_lightning\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller "
+                            r"than the logging interval")
 
 
 def progress_bar(trainer_cfg: Any, callbacks: list) -> list:
@@ -102,7 +122,7 @@ def stack_summary(seeds: list[int], module: Any, metric: str) -> str:
         line += f", {len(diverged)} diverged (seed {', '.join(diverged)})"
     if scores:
         line += (f"; dev {metric} best min {scores[0]:.4f}, median "
-                 f"{scores[len(scores) // 2]:.4f}, max {scores[-1]:.4f}")
+                 f"{statistics.median(scores):.4f}, max {scores[-1]:.4f}")
     return line
 
 
@@ -163,6 +183,14 @@ def _bar_class() -> type:
         def on_train_end(self, *_: Any) -> None:
             if self._train_progress_bar is not None:
                 self.train_progress_bar.close()
+
+        def on_exception(self, *_: Any) -> None:
+            # Closed now, not when the process exits: after the run's error line, a bar
+            # closed at exit would be drawn again below it.
+            for bar in (self._train_progress_bar, self._val_progress_bar,
+                        self._test_progress_bar):
+                if bar is not None:
+                    bar.close()
 
         def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                                       batch_idx: int, dataloader_idx: int = 0) -> None:

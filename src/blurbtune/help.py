@@ -33,7 +33,7 @@ COMMON = (
 )
 
 EXAMPLES = (
-    ("the first run: real weights, shipped data, about 2 minutes on a CPU",
+    ("the first run: real weights, shipped data, about a minute on an idle 2-core CPU",
      "python train.py experiment=quickstart"),
     ("one run with a stabilizer and its knob",
      "python train.py model=pubmedbert task=biosses stabilizer=llrd stabilizer.llrd.decay=0.8 "
@@ -130,7 +130,7 @@ def text() -> str:
         lines += [f"  # {what}", f"  {command}"]
     lines += ["  blurbtune report outputs/multirun/pubmedbert-biosses", "",
               "Run folders: outputs/runs/<name>/<overrides>/ (sweeps: outputs/multirun/...). "
-              "More: README.md, docs/sweeps.md.",
+              "More: README.md, and the pages under docs/.",
               "Print the composed config: python train.py [overrides] --cfg job. "
               "Hydra's own flags: --hydra-help."]
     # Hydra fills $-placeholders in this text with string.Template: escape ours.

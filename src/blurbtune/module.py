@@ -13,6 +13,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from transformers import get_linear_schedule_with_warmup
 
 from blurbtune import stacking
+from blurbtune.console import epoch_label
 from blurbtune.diagnostics import GradientStats, grad_norms, part_params
 from blurbtune.errors import DivergedError
 from blurbtune.metrics import METRICS, constant_baseline
@@ -169,8 +170,7 @@ class FineTuner(pl.LightningModule):
             return self._stack_training_step(batch)
         loss = self(batch).loss
         if not torch.isfinite(loss):
-            raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}"
-                                f", step {self.global_step}")
+            raise DivergedError(f"training loss became {loss.item()} at {self._when()}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["input_ids"].shape[0])
         member = self.members[0]
@@ -183,10 +183,10 @@ class FineTuner(pl.LightningModule):
         finite = torch.isfinite(losses)
         if not bool(finite.all()):  # one host sync per step, as the single run's check
             for k in (~finite).nonzero().flatten().tolist():
-                self._diverge(k, float(losses[k]))
+                self._diverge(k, float(losses[k].detach()))
             if not self.alive():
                 raise DivergedError("every member's training loss became non-finite "
-                                    f"(at epoch {self.current_epoch}, step {self.global_step})")
+                                    f"(at {self._when()})")
         alive = self.alive()
         rows = batch["input_ids"].shape[1]
         for k in alive:
@@ -201,13 +201,17 @@ class FineTuner(pl.LightningModule):
                  on_epoch=False, logger=False, batch_size=rows)
         return torch.where(kept, losses, torch.zeros_like(losses)).sum()
 
+    def _when(self) -> str:
+        """`epoch 2/3, step 5`: the epoch as the progress bar counts it (from 1)."""
+        epoch = epoch_label(self.current_epoch, self.trainer.max_epochs)
+        return f"{epoch}, step {self.global_step}"
+
     def _diverge(self, k: int, loss: float) -> None:
         """Member k's loss is not finite: it stops updating and its record ends here."""
         member = self.members[k]
         if member.diverged is not None:
             return
-        member.diverged = (f"training loss became {loss} at epoch {self.current_epoch}, "
-                           f"step {self.global_step}")
+        member.diverged = f"training loss became {loss} at {self._when()}"
         member.weights_at_divergence = {
             name: p.detach()[k].clone() for name, p in self.model.named_parameters()
             if name in self.stack.stacked and p.requires_grad}

@@ -39,6 +39,7 @@ from blurbtune import (
     stabilizers,
     stacking,
     stopping,
+    sweep_outcome,
     threads,
 )
 from blurbtune.datamodule import BlurbDataModule
@@ -127,8 +128,10 @@ def run(cfg: DictConfig) -> float:
             try:
                 previous = _decide(p)
             except Refused as e:
+                if _in_multirun() or refusals:  # a single command's first is its error line
+                    log.error("%s", e)
+                    sweep_outcome.note(p.out.name, "refused (its folder, above)")
                 refusals.append(e)
-                log.error("%s", e)
                 continue
             if previous is not None and _final(previous, p.cfg) and not p.cfg.get("dry_run"):
                 scores.append(_skip(previous, p.out))
@@ -255,6 +258,8 @@ def _run_group(group: list[Planned], previous: dict[str, dict | None]) -> list[f
         if interrupted or not _in_multirun():
             raise
         _release_memory()
+        if not isinstance(e, DivergedError):  # a divergence is a result
+            sweep_outcome.note(", ".join(p.out.name for p in group), f"{type(e).__name__}: {e}")
         log.error("run %s %s: %s (recorded in %s; the sweep goes on)",
                   ", ".join(p.out.name for p in group),
                   "diverged" if isinstance(e, DivergedError) else "failed", e,
@@ -577,7 +582,7 @@ def _write_predictions(folder: Path, kind: Any, task: Any, dm: BlurbDataModule,
 def _print_summary(r: dict, out: Path) -> None:
     m = r["metric"]
     print(f"\n{r['task']} / {r['model']} / {r['stabilizer']} / seed {r['seed']}: "
-          f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch']}), "
+          f"dev {m} best {r['dev']['best']:.4f} (epoch {r['best_epoch'] + 1}), "
           f"last {r['dev']['last']:.4f}; test best {r['test']['best']:.4f}, "
           f"last {r['test']['last']:.4f} (constant predictor: {r['baseline']['test']:.4f})")
     reasons = []

@@ -4,7 +4,8 @@ A run folder is named from the command's overrides, less some keys (`data_dir`, 
 folder, the launcher...), so two commands can name one folder and differ in what they train.
 Before a command skips, resumes or overwrites what a folder holds, `differences` compares the
 folder's recorded config and data with the command's: keys that change a number (everything
-but `report.identity.NO_EFFECT`), and the data by the sha256 of its files. A difference
+but `report.identity.NO_EFFECT`), and the data by the sha256 of its files (data the command
+cannot read differs from any recorded data: it cannot be shown to be the same). A difference
 stops the command for that folder, naming the keys; the folder is left as it was.
 """
 
@@ -49,13 +50,14 @@ def config_of(cfg: DictConfig) -> dict[str, Any]:
     return resolved_mapping(raw)
 
 
-def data_hashes(task: Any, data_dir: str | Path) -> dict[str, str] | None:
-    """sha256 of each split file the run would read; None when the data cannot be found (the
-    run itself then says what is missing)."""
+def data_hashes(task: Any, data_dir: str | Path) -> dict[str, str] | str:
+    """sha256 of each split file the run would read, or why the data cannot be read."""
     try:
         return {split: sha256_file(split_path(task, data_dir, split)) for split in SPLITS}
-    except (BlurbtuneError, OSError):
-        return None
+    except BlurbtuneError as e:
+        return str(e)
+    except OSError as e:
+        return f"{e.filename}: {e.strerror}"
 
 
 def recorded_data(folder: Path) -> dict[str, str] | None:
@@ -80,7 +82,10 @@ def differences(folder: Path, cfg: DictConfig) -> list[str]:
                 lines.append(f"{key}: {old.get(key, ABSENT)} -> {new.get(key, ABSENT)}")
     old_data = recorded_data(folder)
     if old_data:
-        new_data = data_hashes(cfg.task, cfg.data_dir) or {}
+        new_data = data_hashes(cfg.task, cfg.data_dir)
+        if isinstance(new_data, str):  # a recorded run is never taken for one on unread data
+            return [*lines, f"data: the recorded splits' sha256 -> this command's data cannot be "
+                    f"read ({new_data})"]
         for split in SPLITS:
             if split in new_data and old_data.get(split) != new_data[split]:
                 lines.append(f"data {split} (sha256): {str(old_data.get(split))[:8]} -> "

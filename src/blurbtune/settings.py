@@ -189,3 +189,12 @@ def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_sweeper_size(size: Any) -> None:
+    """`hydra.sweeper.size` of `hydra/sweeper=stacked`: an integer ≥ 1, or auto; else a
+    ConfigError. Checked before Hydra builds the sweeper (`sweep_outcome`), which checks again."""
+    if str(size) != "auto" and (isinstance(size, bool) or not str(size).isdigit()
+                                or int(size) < 1):
+        raise ConfigError(f"hydra.sweeper.size={_shown(size)}: expected an integer ≥ 1 or auto "
+                          "(members per stack; auto: as many as a GPU holds)")

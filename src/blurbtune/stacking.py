@@ -356,7 +356,8 @@ def model_type(model_cfg: Any) -> str | None:
 def check_stackable(cfg: Any) -> None:
     """Refuse, in one line, a stack that cannot train each member exactly as its single run:
     a model family whose attention cannot run under `vmap`, fp16 (one gradient scaler would
-    skip every member's step when one member overflows), several devices, torch.compile."""
+    skip every member's step when one member overflows), bf16 on a CPU, several devices,
+    torch.compile."""
     from blurbtune.families import FAMILIES
 
     fallback = "run the seeds unstacked (drop hydra/sweeper=stacked, or stack=)"
@@ -369,12 +370,24 @@ def check_stackable(cfg: Any) -> None:
         raise StackError(f"trainer.precision={precision}: fp16 shares one gradient scaler "
                          "between the members, so one member's overflow would skip every "
                          f"member's step; use bf16 or fp32, or {fallback}")
+    if precision.startswith("bf16") and _on_cpu(cfg.trainer):
+        raise StackError(f"trainer.precision={precision} on a CPU: CPU autocast rounds a "
+                         "stack's batched matmuls to bf16 otherwise than each single run's, so "
+                         "members differ from their single runs far beyond rounding (issue 28: "
+                         "a BIOSSES dev score 0.63 stacked, 0.44 single); use 32-true on a "
+                         f"CPU, or {fallback}")
     devices = cfg.trainer.get("devices", 1)
     if (isinstance(devices, int) and devices > 1) or "ddp" in str(
             cfg.trainer.get("strategy", "")):
         raise StackError(f"trainer.devices={devices}: a stack trains on one device; {fallback}")
     if cfg.trainer.get("compile"):
         raise StackError(f"trainer.compile=true does not apply to a stack; {fallback}")
+
+
+def _on_cpu(trainer: Any) -> bool:
+    """Whether Lightning will train on the CPU (`accelerator` cpu, or auto without CUDA)."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def mask_form(model: nn.Module) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import math
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from blurbtune import sweep_outcome
 from blurbtune.config import check_overrides, register_resolvers
 from blurbtune.errors import BlurbtuneError, ConfigError
 from blurbtune.settings import check_settings
@@ -34,6 +36,7 @@ def _main(cfg: DictConfig) -> float | None:
         if not _in_multirun():
             _fail(e)
         print(f"error: {e} (run not started; the sweep goes on)", file=sys.stderr)
+        sweep_outcome.note(_job_name(), str(e))
         return None
     try:
         from blurbtune.run import run  # torch, transformers, Lightning: only once a run starts
@@ -54,6 +57,12 @@ def _task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task)
+
+
+def _job_name() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir).name
 
 
 def _in_multirun() -> bool:

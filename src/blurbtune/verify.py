@@ -2,7 +2,9 @@
 
 Prints `identical` when the metrics and every predictions file match byte for byte, else what
 differs; in both cases the provenance entries that differ (code, packages, data, devices...).
-Exit status: 0 identical, 1 different, 2 error.
+Exit status: 0 identical, 1 different, 2 error. The rerun prints what a run prints (through
+the run's console filter, set up before Lightning loads) in a temporary folder, removed at the
+end unless `--keep DIR`; OpenMP's wait policy is set as `python train.py` sets it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from blurbtune import provenance
+from blurbtune import console
 from blurbtune.errors import BlurbtuneError
 from blurbtune.io import read_json
+from blurbtune.threads import set_wait_policy
 
 # The entries of results.json that a re-run must reproduce.
 METRIC_KEYS = ("dev", "test", "history", "best_epoch", "epochs_run", "baseline", "collapsed",
@@ -87,6 +90,8 @@ def rerun(run_dir: Path, into: Path) -> Path:
 
 def verify(run_dir: Path, keep: Path | None = None) -> tuple[bool, list[str]]:
     """(identical?, lines of the report) for the finished run in `run_dir`."""
+    from blurbtune import provenance
+
     old = read_json(run_dir / "results.json")
     if not old or old.get("status") != "completed":
         state = old.get("status") if old else "no results.json"
@@ -103,6 +108,9 @@ def verify(run_dir: Path, keep: Path | None = None) -> tuple[bool, list[str]]:
         ["different:"] + [f"  {d}" for d in diffs])
     lines += (["provenance: no differences"] if not prov else
               ["provenance entries that differ:"] + [f"  {d}" for d in prov])
+    lines.append(f"the rerun is in {new_dir}" if keep else
+                 "the rerun's folder (named above) was temporary and is removed; --keep DIR "
+                 "keeps the rerun")
     return not diffs, lines
 
 
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None,
                         help="write the re-run into this folder instead of a temporary one")
     args = parser.parse_args(argv)
+    set_wait_policy()  # before torch loads OpenMP, as train.py does: the run recorded it
+    console.log_to_console()  # before Lightning loads: it adds a handler of its own otherwise
     try:
         same, lines = verify(args.run_dir, args.keep)
     except BlurbtuneError as e:

@@ -183,7 +183,7 @@ def _dev_series(history: Any) -> tuple[np.ndarray, np.ndarray]:
     epochs, dev = [], []
     for entry in history if isinstance(history, list) else []:
         if "epoch" in entry and "dev" in entry:
-            epochs.append(float(entry["epoch"]))
+            epochs.append(float(entry["epoch"]) + 1)  # recorded 0-based; shown as the bars
             dev.append(float("nan") if entry["dev"] is None else 100 * float(entry["dev"]))
     return np.array(epochs), np.array(dev)
 
@@ -219,7 +219,7 @@ def plot_dev_curves(runs: pd.DataFrame, configs: Configs, out_dir: Path
             if drawn < len(group):
                 heading += f", {len(group) - drawn} without history"
             ax.set_title(heading, fontsize="small")
-            ax.set_xlabel("epoch (0 = first)")
+            ax.set_xlabel("epoch (1 = first, as the progress bars count)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0].set_ylabel(f"dev {_metric(frame)} (x100)")
         _outcome_legend(axes[0], int((~frame["failure"]).sum()), int(frame["failure"].sum()))

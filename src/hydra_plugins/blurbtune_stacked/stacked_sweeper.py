@@ -92,10 +92,10 @@ class StackedSweeper(BasicSweeper):
 
     def __init__(self, size: Any = "auto", max_batch_size: int | None = None,
                  params: dict[str, str] | None = None) -> None:
+        from blurbtune.settings import check_sweeper_size
+
         super().__init__(max_batch_size=max_batch_size, params=params)
-        if str(size) != "auto" and (isinstance(size, bool) or not str(size).isdigit()
-                                    or int(size) < 1):
-            raise ValueError(f"hydra.sweeper.size={size!r}: expected an integer >= 1 or auto")
+        check_sweeper_size(size)  # the command line checked it already (blurbtune.sweep_outcome)
         self.size = size
 
     def split_arguments(self, overrides: list[Override],  # type: ignore[override]
