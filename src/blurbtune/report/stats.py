@@ -15,6 +15,13 @@ import pandas as pd
 from scipy import stats
 
 from blurbtune.report import sample_size
+from blurbtune.report.constants import (
+    ALPHA,
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+)
 from blurbtune.report.identity import Configs
 
 # One group = one configuration (report/identity.py), run over several seeds.
@@ -24,15 +31,8 @@ GROUP = "config"
 DESCRIBE = ["model", "task", "stabilizer", "knobs", "lr", "batch_size"]
 # Two runs are paired when all their seeds agree.
 PAIR_KEYS = ["seed", "data_seed", "init_seed"]
-REFERENCE_STABILIZER = "none"
 # Statuses that are a result: a diverged run is a finding of the study, not a missing run.
 FINISHED = ("completed", "diverged")
-
-CONFIDENCE = 0.95
-ALPHA = 0.05  # every test is two-sided at this level
-BOOTSTRAP_METHOD = "percentile"
-BOOTSTRAP_RESAMPLES = 9999
-BOOTSTRAP_SEED = 0
 
 # Model names whose published BLURB column is spelled differently, most likely first.
 PUBLISHED_ALIASES = {
