@@ -53,6 +53,12 @@ def flag(run: pd.Series) -> str:
     return run["status"]
 
 
+def sortable(show):
+    """`show` (a table's formatting), but "" for a missing value: DataTables sorts a column of
+    numbers and blanks as numbers, and one holding "-" as text."""
+    return lambda value: "" if pd.isna(value) else show(value)
+
+
 def runs_frame(report: Report, labels: dict[str, str]) -> pd.DataFrame:
     """One row per run read, with a link to its folder (HTML, escaped here)."""
     from markupsafe import escape
@@ -62,9 +68,9 @@ def runs_frame(report: Report, labels: dict[str, str]) -> pd.DataFrame:
         RUN_COLUMNS[0]: runs[GROUP].map(labels),
         RUN_COLUMNS[1]: runs["seed"].map(number),
         RUN_COLUMNS[2]: runs["status"],
-        RUN_COLUMNS[3]: (100 * runs["dev_best"]).round(tables.DIGITS),
-        RUN_COLUMNS[4]: (100 * runs["test_best"]).round(tables.DIGITS),
-        RUN_COLUMNS[5]: runs["best_epoch"],
+        RUN_COLUMNS[3]: runs["dev_best"].map(sortable(tables.x100)),
+        RUN_COLUMNS[4]: runs["test_best"].map(sortable(tables.x100)),
+        RUN_COLUMNS[5]: runs["best_epoch"].map(sortable(number)),
         RUN_COLUMNS[6]: runs.apply(flag, axis=1),
         RUN_COLUMNS[7]: [
             f'<a href="{escape(folder_link(p, report.out_dir))}">{escape(Path(p).parent.name)}</a>'
