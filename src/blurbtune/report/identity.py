@@ -98,6 +98,7 @@ def knobs_label(knobs: dict[str, Any] | None) -> str:
     return ", ".join(f"{key}={knobs[key]}" for key in sorted(knobs))
 
 
+@lru_cache(maxsize=None)
 def excluded(key: str) -> bool:
     """Whether a dotted config key is left out of the identity (seed, no effect, by content)."""
     if key in SEEDS or key in BY_CONTENT:

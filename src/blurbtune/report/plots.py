@@ -29,7 +29,7 @@ PANEL_COLUMNS = 3
 # Dev curves and gradient norms are drawn for at most this many sets of configurations (those
 # with the most failed runs): a 2,000-run sweep of 45 learning rates would otherwise draw 90
 # PNGs of half a second each that nobody pages through. The note says which were not drawn.
-MAX_SET_PLOTS = 12
+MAX_SET_PLOTS = 4
 
 
 def slug(text: str) -> str:

@@ -308,13 +308,13 @@ def comparisons(configs: Configs, runs: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def pair_up(group: pd.DataFrame, reference: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The completed runs of two configurations side by side over their shared seeds."""
-    return pd.merge(
-        completed(group).dropna(subset=[column]),
-        completed(reference).dropna(subset=[column]),
-        on=PAIR_KEYS,
-        suffixes=("", "_ref"),
-    ).sort_values(PAIR_KEYS)
+    """The completed runs of two configurations side by side over their shared seeds (the seeds,
+    `column` and `<column>_ref`)."""
+    def scores(runs: pd.DataFrame) -> pd.DataFrame:
+        return completed(runs)[[*PAIR_KEYS, column]].dropna(subset=[column])
+
+    return pd.merge(scores(group), scores(reference), on=PAIR_KEYS,
+                    suffixes=("", "_ref")).sort_values(PAIR_KEYS)
 
 
 def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test_best"
