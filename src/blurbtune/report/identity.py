@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def knobs_label(knobs: dict[str, Any] | None) -> str:
     return ", ".join(f"{key}={knobs[key]}" for key in sorted(knobs))
 
 
-@lru_cache(maxsize=None)
+@cache
 def excluded(key: str) -> bool:
     """Whether a dotted config key is left out of the identity (seed, no effect, by content)."""
     if key in SEEDS or key in BY_CONTENT:
