@@ -13,6 +13,7 @@ numbers are formatted once, from the same values as the CSVs.
 from __future__ import annotations
 
 import base64
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,14 +115,13 @@ def scores_figures(report: Report, labels: dict[str, str]) -> tuple[str, list[st
     figures = []
     for (model, task), frame in done.groupby(["model", "task"], sort=True):
         varies = varying(frame, report.configs)
-        short = {c: config_label(c, report.configs, varies).replace("\n", ", ")
-                 for c in frame[GROUP].unique()}
+        short = short_labels(frame[GROUP].unique(), report.configs, varies, config_label)
         order = [short[c] for c in report.configs.table.index if c in short]
-        fig = figure(x_range=order, width=max(700, 70 * len(order)), height=460,
+        fig = figure(x_range=order, width=max(760, 60 * len(order)), height=560,
                      title=f"{task} - {model}: test score per run (hover: seed and run; "
                            "click: its folder)",
                      y_axis_label="test (x100)", tools="pan,wheel_zoom,box_zoom,reset,save")
-        fig.xaxis.major_label_orientation = 0.6 if len(order) > 4 else 0
+        fig.xaxis.major_label_orientation = 1.2 if len(order) > 4 else 0
         for bad, colour, name in ((False, "#1f77b4", "ok"), (True, "#d62728", "degenerate")):
             part = frame[frame["degenerate"] == bad]
             if part.empty:
@@ -144,12 +144,25 @@ def scores_figures(report: Report, labels: dict[str, str]) -> tuple[str, list[st
         fig.add_tools(HoverTool(tooltips=[("run", "@run"), ("seed", "@seed"),
                                           ("test", "@score"), ("config", "@config")]),
                       TapTool(callback=OpenURL(url="@href")))
-        fig.legend.location = "bottom_left"
+        fig.add_layout(fig.legend[0], "right")
         figures.append(fig)
     if not figures:
         return "", []
     script, divs = components(figures)
     return script, list(divs)
+
+
+def short_labels(configs_shown, configs, varies: set[str], label) -> dict[str, str]:
+    """The stabilizer and the settings that vary on this plot (no knobs), one line each; the
+    plot's labels (`label`, knobs included) where two would read the same."""
+    def short(config: str) -> str:
+        return ", ".join(part for part in label(config, configs, varies).split("\n")
+                         if "=" not in part or part.split("=")[0] in {"lr", "bs", *varies})
+
+    names = {c: short(c) for c in configs_shown}
+    if len(set(names.values())) < len(names):
+        names = {c: label(c, configs, varies).replace("\n", ", ") for c in configs_shown}
+    return names
 
 
 def held_fixed(report: Report) -> list[tuple[str, str]]:
@@ -165,8 +178,16 @@ def held_fixed(report: Report) -> list[tuple[str, str]]:
     return fixed
 
 
-def inline_png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def inline_png(path: Path, colours: int = 64) -> str:
+    """The PNG as a data: URL, reduced to `colours` colours (Pillow): a third of the bytes for
+    line plots on white, which keeps a page with a dozen plots to a few MB."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(colours, method=Image.Quantize.FASTOCTREE).save(
+            buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def display_rows(frame: pd.DataFrame) -> dict[str, Any]:

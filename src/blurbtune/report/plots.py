@@ -30,6 +30,9 @@ PANEL_COLUMNS = 3
 # with the most failed runs): a 2,000-run sweep of 45 learning rates would otherwise draw 90
 # PNGs of half a second each that nobody pages through. The note says which were not drawn.
 MAX_SET_PLOTS = 4
+# Above this many configurations the expected-max plot has no legend (report.html's tables
+# name them); below, one line each under the axes.
+MAX_LEGEND = 20
 
 
 def slug(text: str) -> str:
@@ -118,7 +121,9 @@ def plot_expected_max(table: pd.DataFrame, configs: Configs, out_dir: Path) -> l
     paths = []
     for (model, task), frame in table.groupby(["model", "task"], sort=True):
         varies = varying(frame, configs)
-        fig = _figure((9, 4.2))
+        n = frame[GROUP].nunique()
+        legend = 0.3 + 0.17 * n if n <= MAX_LEGEND else 0.0  # inches, below the axes
+        fig = _figure((8, 4.2 + legend))
         ax = fig.subplots()
         seeds = []
         for config, curve in _configs(frame, configs):
@@ -131,9 +136,10 @@ def plot_expected_max(table: pd.DataFrame, configs: Configs, out_dir: Path) -> l
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("k runs (seeds)")
         ax.set_ylabel("expected max dev score (x100)")
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if legend:
+            fig.legend(fontsize="x-small", loc="lower left", frameon=False)
         ax.set_title(_title("expected max dev", task, model, seeds))
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, legend / (4.2 + legend), 1, 1))
         paths.append(_save(fig, out_dir, f"expected_max_{slug(task)}_{slug(model)}.png"))
     return paths
 
