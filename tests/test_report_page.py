@@ -243,3 +243,18 @@ def test_page_in_chromium(failing_sweep: dict, tmp_path: Path, browser) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("BLURBTUNE_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["BLURBTUNE_SCREENSHOTS"]) / "report-failing-sweep.png")
+
+
+def test_set_plots_are_drawn_for_the_sets_with_most_failures() -> None:
+    """Above MAX_SET_PLOTS sets, the dev-curve and gradient plots go to the sets with the most
+    failed runs (in their order), and a note says how many were not drawn."""
+    from blurbtune.report import plots
+
+    failures = [0, 3, 1, 5, 2, 4]
+    sets = [(f"s{i}", "t", pd.DataFrame({"failure": [True] * k + [False]}))
+            for i, k in enumerate(failures)]
+    kept, note = plots._looked_at(sets, "Dev curves")
+    ranked = sorted(range(len(failures)), key=lambda i: -failures[i])[:plots.MAX_SET_PLOTS]
+    assert [stem for stem, _, _ in kept] == [f"s{i}" for i in sorted(ranked)]
+    assert note.startswith(f"Dev curves: drawn for the {plots.MAX_SET_PLOTS} of 6 sets")
+    assert plots._looked_at(sets[:plots.MAX_SET_PLOTS], "x") == (sets[:plots.MAX_SET_PLOTS], None)
