@@ -40,6 +40,7 @@ class Report:
     collisions_found: list[str] = field(default_factory=list)  # their config ids
     written: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # build.left_out's sections
 
     @property
     def included(self) -> pd.DataFrame:
@@ -141,7 +142,8 @@ def write(report: Report, out: Path) -> list[str]:
         pngs += drawn
         if note:
             report.notes.append(note)
-    page = write_page(report, out, pngs, left_out(report))
+    report.left_out = left_out(report)
+    page = write_page(report, out, pngs, report.left_out)
     return [*written, *(path.relative_to(out).as_posix() for path in pngs),
             page.relative_to(out).as_posix()]
 

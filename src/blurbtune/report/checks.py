@@ -34,7 +34,8 @@ def missing_seeds(runs: pd.DataFrame, configs: Configs) -> list[str]:
         (config, completed(group).drop_duplicates(PAIR_KEYS))
         for config, group in runs.groupby(GROUP, sort=False)
     ]
-    groups.sort(key=lambda item: list(configs.table.index).index(item[0]))
+    position = {config: i for i, config in enumerate(configs.table.index)}
+    groups.sort(key=lambda item: position[item[0]])
     largest = max((len(done) for _, done in groups), default=0)
     all_seeds = set(completed(runs)["seed"].dropna())
     messages = []

@@ -57,10 +57,8 @@ def print_report(report: Report) -> None:
     for name in report.written:
         print(f"  {name}")
 
-    from blurbtune.report.build import left_out
-
     err = sys.stderr
-    sections = left_out(report)
+    sections = report.left_out
     if report.collisions:
         _banner(
             f"!! LEFT OUT: {len(report.collisions)} CONFIGURATION(S) WITH TWO FINISHED RUNS OF "
