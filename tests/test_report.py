@@ -528,9 +528,10 @@ def test_every_configuration_left_out_still_writes_tables(tmp_path: Path) -> Non
 
 def test_a_technique_at_its_own_lr_is_compared_with_none_at_the_reference_lr(
         tmp_path: Path) -> None:
-    """LoRA run at lr 1e-3, plain fine-tuning at 1e-4 and 3e-5: no verdict row without
-    --reference-lr (no `none` at 1e-3); with --reference-lr 1e-4, LoRA against `none` at 1e-4,
-    the Δ mean being the paired mean difference computed by hand."""
+    """LoRA run at lr 1e-3, plain fine-tuning at 1e-4 and 3e-5: without --reference-lr (no
+    `none` at 1e-3) LoRA's verdict row says it was not compared, and why; with --reference-lr
+    1e-4, LoRA against `none` at 1e-4, the Δ mean being the paired mean difference computed by
+    hand."""
     none = {0: 0.30, 1: 0.50, 2: 0.20, 3: 0.45}
     lora = {0: 0.60, 1: 0.55, 2: 0.40, 3: 0.70}
     for seed in range(4):
@@ -541,7 +542,10 @@ def test_a_technique_at_its_own_lr_is_compared_with_none_at_the_reference_lr(
         write_run(tmp_path, stabilizer="lora", seed=seed, test=(lora[seed], lora[seed]),
                   lr=1e-3, config=["task.lr=1e-3"])
     plain = make_report([tmp_path], tmp_path / "plain")
-    assert "lora" not in set(pd.read_csv(plain["verdict.csv"]).stabilizer)
+    [row] = pd.read_csv(plain["verdict.csv"]).query("stabilizer == 'lora'").itertuples()
+    assert row.verdict.startswith("not compared: no `none` run in an otherwise identical")
+    assert pd.isna(row.ref_config) and pd.isna(row.mean_diff)
+    assert "| lora |" in plain["verdict.md"].read_text().replace("| minilm | biosses ", "")
     assert main([str(tmp_path), "--out", str(tmp_path / "ref"), "--reference-lr", "1e-4"]) == 0
     verdict = pd.read_csv(tmp_path / "ref" / "verdict.csv")
     [row] = verdict[verdict.stabilizer == "lora"].itertuples()

@@ -166,12 +166,15 @@ def test_verdict_words() -> None:
 
 
 def test_comparison_only_within_an_otherwise_identical_configuration(tmp_path: Path) -> None:
-    """`none` at lr 3e-5 is no reference for llrd at lr 1e-4."""
+    """`none` at lr 3e-5 is no reference for llrd at lr 1e-4: llrd's verdict row says it was
+    not compared, with no number in it."""
     root = tmp_path / "s"
     write_scores(root, "none", {0: 0.7, 1: 0.72})
     write_scores(root, "llrd", {0: 0.75, 1: 0.71}, lr=1e-4)
     written = make_report([root], tmp_path / "out")
-    assert pd.read_csv(written["verdict.csv"]).empty
+    [row] = pd.read_csv(written["verdict.csv"]).itertuples()
+    assert row.stabilizer == "llrd" and row.verdict.startswith("not compared: ")
+    assert pd.isna(row.ref_config) and pd.isna(row.mean_diff) and pd.isna(row.n_pairs)
     assert pd.read_csv(written["paired.csv"]).empty
 
 

@@ -12,6 +12,7 @@ from blurbtune.report import checks, plots, stability, stats, tables
 from blurbtune.report.collect import collect, find_results, write_runs
 from blurbtune.report.folder import ReportError, check_out, staged
 from blurbtune.report.identity import Configs
+from blurbtune.report.page import write_page
 
 
 class NoResultsError(ReportError):
@@ -36,8 +37,10 @@ class Report:
     blurb: pd.DataFrame | None
     errors: list[tuple[Path, str]]
     collisions: list[str] = field(default_factory=list)
+    collisions_found: list[str] = field(default_factory=list)  # their config ids
     written: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # build.left_out's sections
 
     @property
     def included(self) -> pd.DataFrame:
@@ -71,6 +74,8 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
             raise NoResultsError(f"{path}: is a file; expected a sweep folder or a results.json")
         if not find_results(path):
             raise NoResultsError(f"{path}: no results.json found in this folder or below it")
+    if reference_lr is not None and not reference_lr > 0:
+        raise ReportError(f"--reference-lr {reference_lr}: expected a learning rate > 0")
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
     check_out(out)
     found = collect(paths, reference_lr)
@@ -80,10 +85,13 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
 
     configs = found.configs
     collided = stats.seed_collisions(found.runs)
-    runs = found.runs.assign(excluded=found.runs[stats.GROUP].isin(collided),
-                             failure=stats.is_failure(found.runs))
+    runs = found.runs.assign(failure=stats.is_failure(found.runs))
+    runs.loc[runs[stats.GROUP].isin(collided) & (runs["left_out"] == ""), "left_out"] = (
+        "its configuration holds two finished runs of the same seeds")
+    runs["excluded"] = runs["left_out"] != ""
     included = runs[~runs["excluded"]]
     summary = stats.summarize(included, configs)
+    summary["versions_note"] = checks.mixed_versions(included, summary[stats.GROUP])
     notes = []
     published = stats.published_reference(summary)
     if published is None:
@@ -106,8 +114,11 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
         blurb=blurb,
         errors=found.errors,
         collisions=checks.collisions(collided, configs),
+        collisions_found=list(collided),
         notes=notes,
     )
+    if reference_lr is not None:
+        report.notes += checks.no_reference_at(report.verdicts, reference_lr)
     with staged(out) as tmp:
         names = write(report, tmp)
     report.written = {name: out / name for name in names}
@@ -131,7 +142,39 @@ def write(report: Report, out: Path) -> list[str]:
         pngs += drawn
         if note:
             report.notes.append(note)
-    return [*written, *(path.relative_to(out).as_posix() for path in pngs)]
+    report.left_out = left_out(report)
+    page = write_page(report, out, pngs, report.left_out)
+    return [*written, *(path.relative_to(out).as_posix() for path in pngs),
+            page.relative_to(out).as_posix()]
+
+
+def left_out(report: Report) -> dict[str, list[str]]:
+    """What the reader must be told was left out or is not ordinary, with why (section title ->
+    one line per configuration, run or file); the console and the page list the same."""
+    configs, included = report.configs, report.included
+    failed, running = checks.unfinished(included, configs)
+    unusable = report.runs[report.runs["excluded"] & ~report.runs[stats.GROUP].isin(
+        report.collisions_found)]
+    return {
+        # left out of the statistics: shown first
+        f"Configurations with two finished runs of the same seeds ({len(report.collisions)}), "
+        "left out of every table, test and plot:": report.collisions,
+        f"Completed runs without a usable score ({len(unusable)}), left out of every table, "
+        "test and plot:": [f"{path}: {reason}" for path, reason in
+                           unusable[["path", "left_out"]].itertuples(index=False)],
+        f"Unreadable results.json ({len(report.errors)}), skipped:":
+            [f"{path}: {reason}" for path, reason in report.errors],
+        # in the statistics, or not a result: what to know about them
+        f"Failed or diverged runs ({len(failed)}), not in the means:": failed,
+        f"Still running ({len(running)}), not in the means:": running,
+        "Degenerate runs (counted in the means, and as failures):":
+            checks.degenerate(included, configs),
+        "Partial sweep: configurations with fewer seeds than the largest one:":
+            checks.missing_seeds(included, configs),
+        "Configurations whose runs mix code or library versions (pooled; a note in the row):":
+            [f"{configs.label(c)}: {note}" for c, note in
+             report.summary[[stats.GROUP, "versions_note"]].itertuples(index=False) if note],
+    }
 
 
 def make_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Path]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from blurbtune.report.constants import number
 from blurbtune.report.identity import Configs
 from blurbtune.report.stats import GROUP, PAIR_KEYS, completed, is_degenerate
-from blurbtune.report.tables import number
 
 
 def _seeds(values: pd.Series) -> str:
@@ -34,7 +34,8 @@ def missing_seeds(runs: pd.DataFrame, configs: Configs) -> list[str]:
         (config, completed(group).drop_duplicates(PAIR_KEYS))
         for config, group in runs.groupby(GROUP, sort=False)
     ]
-    groups.sort(key=lambda item: list(configs.table.index).index(item[0]))
+    position = {config: i for i, config in enumerate(configs.table.index)}
+    groups.sort(key=lambda item: position[item[0]])
     largest = max((len(done) for _, done in groups), default=0)
     all_seeds = set(completed(runs)["seed"].dropna())
     messages = []
@@ -77,3 +78,31 @@ def degenerate(runs: pd.DataFrame, configs: Configs) -> list[str]:
         where = f"{configs.label(run[GROUP])} seed {number(run['seed'])}"
         messages.append(f"{where}: {'; '.join(reasons)} ({Path(run['path']).parent})")
     return messages
+
+
+def mixed_versions(runs: pd.DataFrame, configs: pd.Series) -> list[str]:
+    """Per configuration (in `configs`' order): which versions its runs mix, e.g.
+    "torch 2.12.0 (4 runs), 2.13.0 (6 runs)", or "". A run that does not record one (older
+    runs) is unknown, not a difference."""
+    columns = [c for c in runs.columns if c.startswith("version.")]
+    groups = dict(list(runs.groupby(GROUP, sort=False)))
+    notes = []
+    for config in configs:
+        group = groups.get(config, runs.iloc[:0])
+        parts = []
+        for column in columns:
+            counts = group[column].dropna().value_counts().sort_index()
+            if len(counts) > 1:
+                parts.append(f"{column.removeprefix('version.')} " + ", ".join(
+                    f"{value} ({count} runs)" for value, count in counts.items()))
+        notes.append("mixed: " + "; ".join(parts) if parts else "")
+    return notes
+
+
+def no_reference_at(verdicts: pd.DataFrame, reference_lr: float) -> list[str]:
+    """A note when `--reference-lr` found no `none` run for some configuration."""
+    missing = verdicts["ref_config"].isna().sum() if len(verdicts) else 0
+    if not missing:
+        return []
+    return [f"--reference-lr {number(reference_lr)}: {missing} configuration(s) have no `none` "
+            "run at their own lr nor at this one; their verdict rows say so."]

@@ -58,7 +58,7 @@ def print_report(report: Report) -> None:
         print(f"  {name}")
 
     err = sys.stderr
-    configs, included = report.configs, report.included
+    sections = report.left_out
     if report.collisions:
         _banner(
             f"!! LEFT OUT: {len(report.collisions)} CONFIGURATION(S) WITH TWO FINISHED RUNS OF "
@@ -66,23 +66,16 @@ def print_report(report: Report) -> None:
             "removed or rerun under another seed:",
             report.collisions,
         )
-    bad = checks.degenerate(included, configs)
+    bad = checks.degenerate(report.included, report.configs)
     if bad:
         _banner(
             f"!! WARNING: {len(bad)} DEGENERATE RUN(S): no better than the constant predictor "
             "on test, or constant predictions. They are counted in the means, and as failures.",
             bad,
         )
-    failed, running = checks.unfinished(included, configs)
-    _section("Partial sweep: configurations with fewer seeds than the largest one",
-             checks.missing_seeds(included, configs), err)  # fmt: skip
-    _section(f"Failed or diverged runs ({len(failed)}), not in the means:", failed, err)
-    _section(f"Still running ({len(running)}), not in the means:", running, err)
-    _section(
-        f"Unreadable results.json ({len(report.errors)}), skipped:",
-        [f"{path}: {reason}" for path, reason in report.errors],
-        err,
-    )
+    for title, lines in list(sections.items())[1:]:
+        if not title.startswith("Degenerate"):
+            _section(title, lines, err)
 
 
 def _banner(title: str, lines: list[str]) -> None:
@@ -98,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run `blurbtune report`; 0 on success, 2 when a sweep folder holds no results or `--out`
     cannot take the report."""
     args = parser().parse_args(argv)
+    if args.reference_lr is not None and not args.reference_lr > 0:
+        print(f"blurbtune report: error: --reference-lr {args.reference_lr}: expected a "
+              "learning rate > 0", file=sys.stderr)
+        return 2
     from blurbtune.report.build import build_report  # pandas, scipy, matplotlib
     from blurbtune.report.folder import ReportError
 

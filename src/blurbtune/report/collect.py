@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,16 @@ from typing import Any
 
 import pandas as pd
 
-from blurbtune.report.identity import Configs, build_configs, config_id, knobs_label, run_identity
+from blurbtune.report.identity import (
+    VERSIONS,
+    Configs,
+    build_configs,
+    config_id,
+    knobs_label,
+    read_provenance,
+    run_identity,
+    versions,
+)
 
 RESULTS_FILE = "results.json"
 REQUIRED_KEYS = ("status", "task", "model")
@@ -27,7 +37,8 @@ COLUMNS = [
     "dev_best", "dev_last", "test_best", "test_last", "best_epoch",
     "baseline_dev", "baseline_test", "collapsed_dev", "collapsed_test",
     "n_train", "n_dev", "n_test",
-    "train_time_s", "clip_fraction", "run_dir", "overrides",
+    "train_time_s", "clip_fraction", "run_dir", "overrides", "left_out",
+    *(f"version.{name}" for name in VERSIONS),
 ]  # fmt: skip
 # Per-run series kept in the runs table for the plots, not written to runs.csv.
 SERIES = ["history", "grad_norm_early"]
@@ -113,7 +124,26 @@ def flatten(data: dict[str, Any], path: Path) -> dict[str, Any]:
     for key, value in knobs.items():
         row[f"knob.{key}"] = value
     row |= diagnostics(data)
+    row["left_out"] = unusable_scores(data)
     return row
+
+
+def unusable_scores(data: dict[str, Any]) -> str:
+    """Why a completed run has no score every statistic can use ("" when it has them): a
+    missing `dev` or `test`, or a `best` that is absent or not a finite number."""
+    if data["status"] != "completed":
+        return ""
+    reasons = []
+    for split in SPLITS:
+        scores = data.get(split)
+        best = scores.get("best") if isinstance(scores, dict) else None
+        if scores is None:
+            reasons.append(f"no `{split}` scores")
+        elif not isinstance(best, int | float) or isinstance(best, bool):
+            reasons.append(f"no `{split}.best` score")
+        elif not math.isfinite(best):
+            reasons.append(f"`{split}.best` is {best}")
+    return "; ".join(reasons)
 
 
 def diagnostics(data: dict[str, Any]) -> dict[str, Any]:
@@ -149,13 +179,15 @@ def collect(paths: Iterable[Path], reference_lr: float | None = None) -> Collect
     for file in files:
         try:
             data = load_result(file)
-            identity = run_identity(file.parent, data)
+            provenance = read_provenance(file.parent)
+            identity = run_identity(file.parent, data, provenance)
         except ValueError as exc:
             errors.append((file, str(exc)))
             continue
         config = config_id(identity)
         identities[config] = identity
-        rows.append(flatten(data, file) | {"config": config})
+        rows.append(flatten(data, file) | {"config": config} | {
+            f"version.{name}": value for name, value in versions(provenance).items()})
     runs = runs_frame(rows)
     return Collection(runs=runs, configs=build_configs(runs, identities, reference_lr),
                       errors=errors, files=files)
@@ -177,6 +209,7 @@ def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in ("collapsed_dev", "collapsed_test"):
         frame[column] = frame[column].map(lambda v: v is True).astype(bool)
     frame["knobs"] = frame["knobs"].fillna("")
+    frame["left_out"] = frame["left_out"].fillna("")
     return frame.sort_values(["model", "task", "stabilizer", "knobs", "seed"], kind="stable")
 
 

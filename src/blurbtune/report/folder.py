@@ -21,7 +21,7 @@ from pathlib import Path
 REPORT_FILES = frozenset({
     "runs.csv", "summary.csv", "summary.md", "summary.tex", "stability.md", "stability.tex",
     "paired.csv", "paired.md", "verdict.csv", "verdict.md", "expected_max.csv", "blurb.csv",
-    "blurb.md",
+    "blurb.md", "report.html",
 })
 PLOTS = "plots"
 ATTEMPTS = 20  # a report renamed in by another process between two steps: try again

@@ -21,10 +21,13 @@ import json
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from blurbtune.report.constants import REFERENCE_STABILIZER, number
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 PROVENANCE_FILE = "provenance.json"
@@ -95,6 +98,7 @@ def knobs_label(knobs: dict[str, Any] | None) -> str:
     return ", ".join(f"{key}={knobs[key]}" for key in sorted(knobs))
 
 
+@cache
 def excluded(key: str) -> bool:
     """Whether a dotted config key is left out of the identity (seed, no effect, by content)."""
     if key in SEEDS or key in BY_CONTENT:
@@ -127,17 +131,65 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def resolved_config(path: Path) -> dict[str, Any]:
     """A run's `.hydra/config.yaml` as dotted keys, interpolations between keys resolved.
 
+    Parsed with PyYAML's C loader as OmegaConf reads YAML (`config_loader`), and resolved once
+    per content: runs of one configuration differ only in their seeds, so a config whose
+    interpolations do not mention a seed is resolved once for all of them (`_resolved`).
     Raises ValueError saying why the file is unusable.
     """
-    from omegaconf import OmegaConf
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {Path(path).name}: {exc}".splitlines()[0]) from exc
+    return dict(_parsed_and_resolved(text, Path(path).name))
+
+
+@lru_cache(maxsize=4096)
+def _parsed_and_resolved(text: str, name: str) -> tuple[tuple[str, Any], ...]:
+    import yaml
 
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as exc:  # yaml's and OmegaConf's errors alike
-        raise ValueError(f"cannot read {path.name}: {exc}".splitlines()[0]) from exc
+        raw = yaml.load(text, Loader=config_loader())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot read {name}: {exc}".splitlines()[0]) from exc
     if not isinstance(raw, dict):
-        raise ValueError(f"{path.name}: expected a mapping, got {type(raw).__name__}")
-    return resolved_mapping(raw)
+        raise ValueError(f"{name}: expected a mapping, got {type(raw).__name__}")
+    seeds = {key: raw[key] for key in SEEDS if key in raw}
+    if SEED_INTERPOLATION.search(text) or any(isinstance(v, str) for v in seeds.values()):
+        return _resolved(json.dumps(raw, sort_keys=True, default=str))
+    rest = {key: value for key, value in raw.items() if key not in SEEDS}
+    return _resolved(json.dumps(rest, sort_keys=True, default=str)) + tuple(seeds.items())
+
+
+@lru_cache(maxsize=1024)
+def _resolved(raw_json: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(resolved_mapping(json.loads(raw_json)).items())
+
+
+# An interpolation that names a seed key: its config is resolved with its own seeds.
+SEED_INTERPOLATION = re.compile(r"\$\{[^}]*\b(" + "|".join(SEEDS) + r")\b")
+
+
+@lru_cache(maxsize=1)
+def config_loader() -> type:
+    """PyYAML's C loader reading YAML as OmegaConf does (its resolvers and constructors: `1e-5`
+    is a float, which YAML 1.1 reads as a string; no timestamps), duplicate keys refused."""
+    import yaml
+    from omegaconf._utils import get_yaml_loader
+
+    omegaconf_loader = get_yaml_loader()
+
+    class Loader(yaml.CSafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            keys = [key.value for key, _ in node.value]
+            twice = sorted({key for key in keys if keys.count(key) > 1})
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {twice[0]}", node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.yaml_implicit_resolvers = dict(omegaconf_loader.yaml_implicit_resolvers)
+    Loader.yaml_constructors = dict(omegaconf_loader.yaml_constructors)
+    return Loader
 
 
 def resolved_mapping(raw: dict[str, Any]) -> dict[str, Any]:
@@ -203,23 +255,54 @@ def data_identity(provenance: dict | None, config: dict[str, Any] | None) -> str
     return None
 
 
-def run_identity(folder: Path, result: dict) -> dict[str, str]:
-    """The identity of the run in `folder` whose parsed results.json is `result`.
+def read_provenance(folder: Path) -> dict | None:
+    """The run's provenance.json, None when it has none; ValueError when it cannot be read."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {PROVENANCE_FILE}: {exc}") from exc
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{PROVENANCE_FILE}: expected a JSON object")
+    return provenance
 
-    Raises ValueError naming an unreadable `.hydra/config.yaml` or provenance.json.
+
+# What made a run's numbers besides its settings, as provenance.json records it: pooled in one
+# configuration, but the report says when a configuration mixes them (bf16 kernels and library
+# changes move a seed's numbers). Absent from a run (older runs): unknown, not a difference.
+VERSIONS = {
+    "blurbtune source": ("code", "source_sha256"),
+    "torch": ("torch", "version"),
+    "transformers": ("packages", "transformers"),
+    "device": ("torch", "devices"),
+}
+
+
+def versions(provenance: dict | None) -> dict[str, str | None]:
+    """{what: value or None} for each of VERSIONS (a source hash cut to 12 hex digits)."""
+    out: dict[str, str | None] = {}
+    for name, (section, key) in VERSIONS.items():
+        value = ((provenance or {}).get(section) or {}).get(key)
+        if isinstance(value, list):
+            value = ", ".join(sorted(str(v) for v in value)) or None
+        if name == "blurbtune source" and isinstance(value, str):
+            value = value[:12]
+        out[name] = None if value is None else str(value)
+    return out
+
+
+def run_identity(folder: Path, result: dict, provenance: dict | None = None) -> dict[str, str]:
+    """The identity of the run in `folder` whose parsed results.json is `result` and
+    provenance.json `provenance` (read_provenance).
+
+    Raises ValueError naming an unreadable `.hydra/config.yaml`.
     """
     folder = Path(folder)
     config = None
     if (folder / CONFIG_FILE).is_file():
         config = resolved_config(folder / CONFIG_FILE)
-    provenance = None
-    if (folder / PROVENANCE_FILE).is_file():
-        try:
-            provenance = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {PROVENANCE_FILE}: {exc}") from exc
-        if not isinstance(provenance, dict):
-            raise ValueError(f"{PROVENANCE_FILE}: expected a JSON object")
 
     identity = {} if config is None else {
         key: _text(value) for key, value in {**ADDED_KEYS, **config}.items()
@@ -280,12 +363,11 @@ class Configs:
     identities: dict[str, dict[str, str]]
     table: pd.DataFrame
     varying: list[str]
+    reference_lr: float | None = None  # `--reference-lr`, when given
 
     def label(self, config: str) -> str:
         """e.g. "minilm / biosses / llrd (llrd.decay=0.9, lr=3e-05, bs=16, trainer.max_epochs=2)".
         """
-        from blurbtune.report.tables import number
-
         row = self.table.loc[config]
         settings = [row["knobs"]] if row["knobs"] else []
         settings += [f"lr={number(row['lr'])}", f"bs={number(row['batch_size'])}"]
@@ -341,7 +423,7 @@ def build_configs(runs: pd.DataFrame, identities: dict[str, dict[str, str]],
     rows = {}
     contexts = {config: config_id(context(identity)) for config, identity in identities.items()}
     reference = {contexts[c]: c for c, identity in identities.items()
-                 if identity.get(STABILIZER) == "none" and not identity.get(KNOBS)}
+                 if identity.get(STABILIZER) == REFERENCE_STABILIZER and not identity.get(KNOBS)}
     for config, group in runs.groupby("config", sort=False):
         first = group.iloc[0]
         row = {key: first[key] for key in columns}
@@ -361,8 +443,10 @@ def build_configs(runs: pd.DataFrame, identities: dict[str, dict[str, str]],
     for key in varying:
         table[key] = [display_value(key, identities[c].get(key)) for c in table.index]
     if len(table):  # `none` first in each task, then as the tables read
-        order = table.assign(_ref=table["stabilizer"] != "none", _id=table.index).sort_values(
+        later = table["stabilizer"] != REFERENCE_STABILIZER
+        order = table.assign(_ref=later, _id=table.index).sort_values(
             ["model", "task", "_ref", "stabilizer", "knobs", "lr", "batch_size", *varying, "_id"],
             kind="stable")
         table = order.drop(columns=["_ref", "_id"])
-    return Configs(identities=identities, table=table, varying=varying)
+    return Configs(identities=identities, table=table, varying=varying,
+                   reference_lr=reference_lr)

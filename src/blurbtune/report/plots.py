@@ -19,13 +19,20 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from blurbtune.report.constants import number
 from blurbtune.report.identity import Configs
 from blurbtune.report.stats import GROUP, completed, finished, is_degenerate, is_failure
-from blurbtune.report.tables import number
 
 PLOT_DIR = "plots"
 OK_COLOUR, FAILED_COLOUR = "tab:blue", "tab:red"
 PANEL_COLUMNS = 3
+# Dev curves and gradient norms are drawn for at most this many sets of configurations (those
+# with the most failed runs): a 2,000-run sweep of 45 learning rates would otherwise draw 90
+# PNGs of half a second each that nobody pages through. The note says which were not drawn.
+MAX_SET_PLOTS = 4
+# Above this many configurations the expected-max plot has no legend (report.html's tables
+# name them); below, one line each under the axes.
+MAX_LEGEND = 20
 
 
 def slug(text: str) -> str:
@@ -114,22 +121,25 @@ def plot_expected_max(table: pd.DataFrame, configs: Configs, out_dir: Path) -> l
     paths = []
     for (model, task), frame in table.groupby(["model", "task"], sort=True):
         varies = varying(frame, configs)
-        fig = _figure((6, 4.2))
+        n = frame[GROUP].nunique()
+        legend = 0.3 + 0.17 * n if n <= MAX_LEGEND else 0.0  # inches, below the axes
+        fig = _figure((8, 4.2 + legend))
         ax = fig.subplots()
         seeds = []
         for config, curve in _configs(frame, configs):
             k = curve["k"].to_numpy()
             mean, std = 100 * curve["expected_max"].to_numpy(), 100 * curve["std"].to_numpy()
             (line,) = ax.plot(k, mean, marker="o", markersize=3,
-                              label=config_label(config, configs, varies))
+                              label=config_label(config, configs, varies).replace("\n", ", "))
             ax.fill_between(k, mean - std, mean + std, color=line.get_color(), alpha=0.15)
             seeds.append(int(curve["n"].iloc[0]))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("k runs (seeds)")
         ax.set_ylabel("expected max dev score (x100)")
-        ax.legend(fontsize="small")
+        if legend:
+            fig.legend(fontsize="x-small", loc="lower left", frameon=False)
         ax.set_title(_title("expected max dev", task, model, seeds))
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, legend / (4.2 + legend), 1, 1))
         paths.append(_save(fig, out_dir, f"expected_max_{slug(task)}_{slug(model)}.png"))
     return paths
 
@@ -161,6 +171,20 @@ def _comparison_sets(runs: pd.DataFrame, configs: Configs
                 title += f" ({label})"
             out.append((stem, title, frame))
     return out
+
+
+def _looked_at(sets: list[tuple[str, str, pd.DataFrame]], what: str
+               ) -> tuple[list[tuple[str, str, pd.DataFrame]], str | None]:
+    """The MAX_SET_PLOTS sets with the most failed runs (in their order), and a note naming how
+    many were not drawn."""
+    if len(sets) <= MAX_SET_PLOTS:
+        return sets, None
+    failed = [int(frame["failure"].sum()) for _, _, frame in sets]
+    keep = sorted(sorted(range(len(sets)), key=lambda i: -failed[i])[:MAX_SET_PLOTS])
+    return [sets[i] for i in keep], (
+        f"{what}: drawn for the {MAX_SET_PLOTS} of {len(sets)} sets of configurations (those "
+        "differing only in stabilizer) with the most failed runs; every run is in runs.csv and "
+        "in report.html's runs table.")
 
 
 def _panels(n: int, size: tuple[float, float]) -> tuple[Figure, list[Any]]:
@@ -197,7 +221,8 @@ def plot_dev_curves(runs: pd.DataFrame, configs: Configs, out_dir: Path
     and, when no run has a history, a one-line note instead.
     """
     paths = []
-    for stem, title, frame in _comparison_sets(runs, configs):
+    sets, skipped = _looked_at(_comparison_sets(runs, configs), "Dev curves")
+    for stem, title, frame in sets:
         if not frame["history"].map(lambda h: len(_dev_series(h)[0]) > 0).any():
             continue
         groups = _configs(frame, configs)
@@ -226,7 +251,7 @@ def plot_dev_curves(runs: pd.DataFrame, configs: Configs, out_dir: Path
         fig.suptitle(f"{title}: dev score per epoch (dashed: constant predictor)")
         fig.tight_layout()
         paths.append(_save(fig, out_dir, f"dev_curves_{stem}.png"))
-    note = None if paths else "No run records a per-epoch dev history: no dev-curve plot."
+    note = skipped if paths else "No run records a per-epoch dev history: no dev-curve plot."
     return paths, note
 
 
@@ -250,7 +275,8 @@ def plot_grad_norms(runs: pd.DataFrame, configs: Configs, out_dir: Path
     files written and, when no run records early gradient norms, a one-line note instead.
     """
     paths = []
-    for stem, title, frame in _comparison_sets(runs, configs):
+    sets, skipped = _looked_at(_comparison_sets(runs, configs), "Gradient-norm plots")
+    for stem, title, frame in sets:
         frame = frame[frame["grad_norm_early"].map(lambda g: isinstance(g, dict) and bool(g))]
         if frame.empty:
             continue
@@ -280,7 +306,7 @@ def plot_grad_norms(runs: pd.DataFrame, configs: Configs, out_dir: Path
                      "(thin: one run; thick: mean)")
         fig.tight_layout()
         paths.append(_save(fig, out_dir, f"grad_norm_early_{stem}.png"))
-    note = None if paths else (
+    note = skipped if paths else (
         "No run records early gradient norms (diagnostics.grad_norm.early): no gradient plot.")
     return paths, note
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from blurbtune.report import sample_size
-from blurbtune.report.stats import ALPHA
+from blurbtune.report.constants import ALPHA
 
 POWER = 0.8
 # Brown-Forsythe's power is estimated from this many simulated pairs of normal samples,

@@ -30,9 +30,9 @@ import pandas as pd
 from scipy import stats
 
 from blurbtune.report import power, sample_size
+from blurbtune.report.constants import ALPHA, REFERENCE_STABILIZER, number
 from blurbtune.report.identity import Configs
 from blurbtune.report.stats import (
-    ALPHA,
     GROUP,
     comparisons,
     completed,
@@ -47,6 +47,7 @@ NOT_TESTED = "not tested"
 NO_DIFFERENCE = "no difference at this n"
 NOTHING_TESTED = "not tested at this n"
 MIXED = "mixed"
+NOT_COMPARED = "not compared"
 DIMENSIONS = ("mean", "std", "failures")
 
 
@@ -169,10 +170,25 @@ VERDICT_COLUMNS = [
 
 
 def verdicts(runs: pd.DataFrame, configs: Configs, column: str = "test_best") -> pd.DataFrame:
-    """One row per comparison (each stabilizer configuration against its `none`)."""
+    """One row per comparison (each stabilizer configuration against its `none`), and one per
+    configuration of another stabilizer that has no `none` to compare with, saying so."""
     groups = dict(list(runs.groupby(GROUP, sort=False)))
-    rows = [{GROUP: config, "ref_config": ref,
-             "reference_lr": configs.table.loc[config].get("reference_lr")}
-            | compare(groups[config], groups[ref], column)
-            for config, ref in comparisons(configs, runs)]
+    compared = dict(comparisons(configs, runs))
+    rows = []
+    for config in configs.table.index:
+        if config in compared:
+            rows.append({GROUP: config, "ref_config": compared[config],
+                         "reference_lr": configs.table.loc[config].get("reference_lr")}
+                        | compare(groups[config], groups[compared[config]], column))
+        elif config in groups and configs.table.loc[config, "stabilizer"] != REFERENCE_STABILIZER:
+            rows.append({GROUP: config, "ref_config": None,
+                         "verdict": not_compared(configs.reference_lr)})
     return configs.describe(pd.DataFrame(rows, columns=VERDICT_COLUMNS))
+
+
+def not_compared(reference_lr: float | None) -> str:
+    """The verdict of a configuration with no `none` to compare with, and why."""
+    why = f"{NOT_COMPARED}: no `{REFERENCE_STABILIZER}` run in an otherwise identical configuration"
+    if reference_lr is None:
+        return why + " (--reference-lr LR compares with `none` at LR)"
+    return why + f", at its own lr or at --reference-lr {number(reference_lr)}"

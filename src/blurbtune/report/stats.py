@@ -15,6 +15,13 @@ import pandas as pd
 from scipy import stats
 
 from blurbtune.report import sample_size
+from blurbtune.report.constants import (
+    ALPHA,
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+)
 from blurbtune.report.identity import Configs
 
 # One group = one configuration (report/identity.py), run over several seeds.
@@ -24,15 +31,8 @@ GROUP = "config"
 DESCRIBE = ["model", "task", "stabilizer", "knobs", "lr", "batch_size"]
 # Two runs are paired when all their seeds agree.
 PAIR_KEYS = ["seed", "data_seed", "init_seed"]
-REFERENCE_STABILIZER = "none"
 # Statuses that are a result: a diverged run is a finding of the study, not a missing run.
 FINISHED = ("completed", "diverged")
-
-CONFIDENCE = 0.95
-ALPHA = 0.05  # every test is two-sided at this level
-BOOTSTRAP_METHOD = "percentile"
-BOOTSTRAP_RESAMPLES = 9999
-BOOTSTRAP_SEED = 0
 
 # Model names whose published BLURB column is spelled differently, most likely first.
 PUBLISHED_ALIASES = {
@@ -308,13 +308,13 @@ def comparisons(configs: Configs, runs: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def pair_up(group: pd.DataFrame, reference: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The completed runs of two configurations side by side over their shared seeds."""
-    return pd.merge(
-        completed(group).dropna(subset=[column]),
-        completed(reference).dropna(subset=[column]),
-        on=PAIR_KEYS,
-        suffixes=("", "_ref"),
-    ).sort_values(PAIR_KEYS)
+    """The completed runs of two configurations side by side over their shared seeds (the seeds,
+    `column` and `<column>_ref`)."""
+    def scores(runs: pd.DataFrame) -> pd.DataFrame:
+        return completed(runs)[[*PAIR_KEYS, column]].dropna(subset=[column])
+
+    return pd.merge(scores(group), scores(reference), on=PAIR_KEYS,
+                    suffixes=("", "_ref")).sort_values(PAIR_KEYS)
 
 
 def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test_best"

@@ -10,17 +10,18 @@ import numpy as np
 import pandas as pd
 
 from blurbtune.report import power, sample_size
-from blurbtune.report.stats import (
+from blurbtune.report.constants import (
     ALPHA,
     BOOTSTRAP_METHOD,
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
     CONFIDENCE,
+    MISSING,
     REFERENCE_STABILIZER,
+    number,
 )
 
 DIGITS = 2
-MISSING = "-"
 
 
 def x100(value: Any, digits: int = DIGITS) -> str:
@@ -33,14 +34,6 @@ def mean_std(mean: Any, std: Any, digits: int = DIGITS) -> str:
     if pd.isna(std):
         return x100(mean, digits)
     return f"{x100(mean, digits)} ± {x100(std, digits)}"
-
-
-def number(value: Any) -> str:
-    """A hyperparameter for display: 3e-05, 16, or "-"."""
-    if pd.isna(value):
-        return MISSING
-    value = float(value)
-    return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
 def p_value(value: Any) -> str:
@@ -119,8 +112,15 @@ def summary_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.Da
         }
         if show_published:
             out["Published"] = x100(row["published_test"])
-        rows.append(out)
+        rows.append(out | versions_cell(summary, row))
     return pd.DataFrame(rows)
+
+
+def versions_cell(summary: pd.DataFrame, row: pd.Series) -> dict[str, str]:
+    """{"Mixed versions": note} when some configuration mixes code or library versions."""
+    if "versions_note" not in summary or not summary["versions_note"].fillna("").any():
+        return {}
+    return {"Mixed versions": note_of(row, "versions_note") or MISSING}
 
 
 def paired_display(paired: pd.DataFrame, varying: Sequence[str] = ()) -> pd.DataFrame:
@@ -161,6 +161,7 @@ def stability_display(summary: pd.DataFrame, varying: Sequence[str] = ()) -> pd.
                 "Test mean": x100(row["test_best_mean"]),
                 f"Std [{CONFIDENCE:.0%} CI]": std,
             }
+            | versions_cell(summary, row)
         )
     return pd.DataFrame(rows)
 
@@ -187,15 +188,23 @@ def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.D
     """The verdict table as strings: every claim with its p-value and n."""
     rows = []
     for _, row in verdicts.iterrows():
-        mean = claim(row, "ttest", f"n={row['n_pairs']} pairs")
-        spread = claim(row, "brown_forsythe", f"n={row['n_std']} vs {row['n_std_ref']}")
+        cells = config_cells(row, varying)
+        if pd.isna(row["ref_config"]):  # no `none` to compare with: the verdict says so
+            rows.append(cells | dict.fromkeys(VERDICT_CELLS, MISSING) | {
+                "Verdict": row["verdict"]})
+            continue
+        n = {key: number(row[key]) for key in (
+            "n_pairs", "n_std", "n_std_ref", "failures", "finished", "failures_ref",
+            "finished_ref")}
+        mean = claim(row, "ttest", f"n={n['n_pairs']} pairs")
+        spread = claim(row, "brown_forsythe", f"n={n['n_std']} vs {n['n_std_ref']}")
         rows.append(
-            config_cells(row, varying)
+            cells
             | {
                 "Δ mean (x100)": f"{_points(row['mean_diff'], DIGITS, '')} ({mean})",
                 "Std ratio": f"{_ratio(row['std_ratio'])} ({spread})",
-                "Failures": f"{row['failures']}/{row['finished']} vs "
-                f"{row['failures_ref']}/{row['finished_ref']} "
+                "Failures": f"{n['failures']}/{n['finished']} vs "
+                f"{n['failures_ref']}/{n['finished_ref']} "
                 f"({_points(row['failure_rate_diff'])}, {claim(row, 'fisher', '')})",
                 "Verdict": row["verdict"] + (
                     f" (against none at lr {number(row['reference_lr'])})"
@@ -207,6 +216,7 @@ def verdict_display(verdicts: pd.DataFrame, varying: Sequence[str] = ()) -> pd.D
 
 
 DETECTABLE = f"Detectable at this n (α {ALPHA}, power {power.POWER})"
+VERDICT_CELLS = ("Δ mean (x100)", "Std ratio", "Failures", "Verdict", DETECTABLE)
 NONE_POSSIBLE = "none possible at this n"
 
 
@@ -330,17 +340,20 @@ def _left_out(excluded: Sequence[str]) -> str:
             f"the same seeds would count a seed twice):\n\n{lines}")
 
 
+SUMMARY_NOTE = (
+    "Scores x100 over completed runs: mean ± sample std. "
+    f"CI: {CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap of the mean test score (needs "
+    f"{sample_size.bootstrap_mean_min(CONFIDENCE)} runs to be able to cover the mean). "
+    "Degenerate: completed runs no better than the constant predictor on test, "
+    "or with constant test predictions (they stay in the means).\n"
+)
+
+
 def summary_markdown(summary: pd.DataFrame, varying: Sequence[str] = (),
                      excluded: Sequence[str] = ()) -> str:
     """The summary table in Markdown, with a line on how to read it."""
-    note = (
-        "Scores x100 over completed runs: mean ± sample std. "
-        f"CI: {CONFIDENCE:.0%} {BOOTSTRAP_METHOD} bootstrap of the mean test score (needs "
-        f"{sample_size.bootstrap_mean_min(CONFIDENCE)} runs to be able to cover the mean). "
-        "Degenerate: completed runs no better than the constant predictor on test, "
-        "or with constant test predictions (they stay in the means).\n"
-    )
-    return markdown_table(summary_display(summary, varying)) + "\n" + note + _left_out(excluded)
+    return (markdown_table(summary_display(summary, varying)) + "\n" + SUMMARY_NOTE
+            + _left_out(excluded))
 
 
 def stability_markdown(summary: pd.DataFrame, varying: Sequence[str] = (),
