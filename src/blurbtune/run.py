@@ -15,9 +15,11 @@ is a stack of one, which calls the model directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 import traceback
@@ -114,7 +116,8 @@ def run(cfg: DictConfig) -> float:
             str(p.out) for p in planned))
         return math.nan
     if rank_zero_only.rank != 0:  # a DDP process Lightning started: rank 0 holds the lock
-        return _mean(_run_group(planned, {}))
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # and prints
+            return _mean(_run_group(planned, {}))
     locks: list[RunLock] = []
     try:
         todo, scores, refusals = [], [], []
