@@ -136,7 +136,7 @@ def _on_worker_signal(signum: int, frame: Any) -> None:
         request(signum)
     elif _again() and not _aborting:
         _aborting = True
-        if _abortable:  # elsewhere (waiting for a job, recording a stop) the pool's own code
+        if _abortable:  # not while waiting for a job (loky would break) or recording a stop
             raise Aborted(f"second {signal.Signals(signum).name}: stopped at once")
 
 
