@@ -88,3 +88,31 @@ def test_cli_multirun_two_seeds(tmp_path: Path, cache_dir: Path) -> None:
     seeds = sorted(json.loads(p.read_text())["seed"] for p in runs)
     assert seeds == [0, 1]
     assert all(json.loads(p.read_text())["status"] == "completed" for p in runs)
+
+
+def test_a_ddp_rank_other_than_0_prints_nothing_of_the_run(tmp_path: Path, cache_dir: Path,
+                                                             capsys, monkeypatch) -> None:
+    """Under DDP every rank runs `run`; only rank 0 prints the table and the summary (what
+    decides: `rank_zero_only.rank`, set here as Lightning sets it in a process it started)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    overrides = [*smoke_overrides("biosses", cache_dir), "+trainer.enable_progress_bar=false"]
+    run_in_process(overrides, tmp_path / "rank0")
+    assert "run folder:" in capsys.readouterr().out
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    run_in_process(overrides, tmp_path / "rank1")
+    out = capsys.readouterr().out
+    assert "run folder:" not in out and "group" not in out, out
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_run_prints_one_summary(tmp_path: Path, cache_dir: Path) -> None:
+    """A real 2-process DDP run on the CPU (gloo): one summary, one parameter table."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *smoke_overrides("biosses", cache_dir),
+           f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "trainer.devices=2",
+           "+trainer.strategy=ddp", "+trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run folder:") == 1, proc.stdout
+    assert proc.stdout.count("total ") == 1, proc.stdout  # the parameter table's last row
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"

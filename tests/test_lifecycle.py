@@ -294,3 +294,118 @@ def test_sigterm_stops_a_parallel_sweep_and_a_rerun_finishes_it_exactly(tmp_path
         assert {k: r[k] for k in COMPARED} == {k: expected[name][k] for k in COMPARED}
         assert prediction_bytes(sweep / name) == prediction_bytes(reference / name)
     assert any(r["resumed_from"] for r in finished.values())
+
+
+# The second signal's test needs a stop that takes long: in every process of the sweep (a
+# sitecustomize on PYTHONPATH), the second epoch's second batch leaves a marker (`READY`) and
+# waits, so that the signal lands mid-epoch; the checkpoint then written because the run was
+# asked to stop leaves another (`SLOW_STOP`) and sleeps, as a 27 GB write would.
+SLOW_STOP = '''
+import os, time
+if os.environ.get("SLOW_STOP"):
+    from blurbtune import module, resume, stopping
+    real_step = module.FineTuner.training_step
+    def step(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1 and not os.path.exists(os.environ["READY"]):
+            open(os.environ["READY"], "w").close()
+            time.sleep(5)
+        return real_step(self, batch, batch_idx)
+    module.FineTuner.training_step = step
+    real_save = resume.FileCheckpointIO.save_checkpoint
+    def slow(self, *args, **kwargs):
+        if stopping.requested() is not None:
+            open(os.environ["SLOW_STOP"], "w").close()
+            time.sleep(600)
+        return real_save(self, *args, **kwargs)
+    resume.FileCheckpointIO.save_checkpoint = slow
+'''
+
+# One job with two workers (fewer jobs than workers): a stack of two seeds, or one seed.
+SHAPES = {"stack": ["seed=0,1", "hydra/sweeper=stacked", "hydra.sweeper.size=2"],
+          "single": ["seed=0"]}
+
+
+def _start_sweep(tmp_path: Path, sweep: Path, shape: str, **env_extra: str) -> tuple:
+    grid = ["trainer.max_epochs=6", "trainer.limit_train_batches=null", *SHAPES[shape],
+            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLOW_STOP)
+    env = {**os.environ, "BLURB_DATA_DIR": str(FIXTURES),
+           "BLURBTUNE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)]), **env_extra}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", *grid]
+    out = open(tmp_path / "stopped.log", "w")  # noqa: SIM115 - closed by the caller's wait
+    # Its own session: its group is the sweep's processes alone, as a terminal's would be.
+    parent = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=out,
+                              start_new_session=True)
+    return parent, grid, out
+
+
+def _stop_and_check(tmp_path, sweep, parent, out, send, second=None) -> str:
+    try:
+        # once a run has trained an epoch (its checkpoint), so that the rerun resumes it
+        _wait_for(lambda: any(sweep.glob("*/checkpoints/last.ckpt")), 300, "an epoch's end")
+        workers = psutil.Process(parent.pid).children(recursive=True)
+        send()
+        if second is not None:
+            second()
+        code = parent.wait(timeout=300)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+        out.close()
+    log = (tmp_path / "stopped.log").read_text()
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log and "TerminatedWorkerError" not in log, log[-5000:]
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"still running after the sweep was stopped: {alive}"
+    stopped = _statuses(sweep)
+    assert stopped and {r["status"] for r in stopped.values()} == {"interrupted"}, stopped
+    assert all(r["checkpoint"] for r in stopped.values())
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, to", [("stack", "process"), ("single", "process and group")])
+def test_one_sigterm_stops_a_sweep_of_fewer_jobs_than_workers_and_the_rerun_resumes(
+        tmp_path, shape, to):
+    """One job on two workers: the idle worker survives the signal, every run checkpoints and
+    records `interrupted`, exit 143, no traceback. "process and group" is what `timeout`
+    sends: the signal to the sweep's process, then to its group (each worker gets it twice)."""
+    sweep = tmp_path / "sweep"
+    parent, grid, out = _start_sweep(tmp_path, sweep, shape)
+
+    def send():
+        parent.send_signal(signal.SIGTERM)
+        if to == "process and group":
+            os.killpg(parent.pid, signal.SIGTERM)
+
+    _stop_and_check(tmp_path, sweep, parent, out, send)
+    _train(tmp_path, *grid)
+    finished = _statuses(sweep)
+    assert len(finished) == len(SHAPES[shape][0].split(","))
+    assert all(r["status"] == "completed" and r["resumed_from"] for r in finished.values())
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_ends_a_stopping_sweep_at_once_and_records_it(tmp_path):
+    """The first SIGTERM's checkpoint is slow (here: it sleeps 600 s); a second, later one
+    ends the sweep in one line, each run recorded `interrupted` with its epoch's checkpoint."""
+    sweep, marker, ready = tmp_path / "sweep", tmp_path / "stopping", tmp_path / "ready"
+    parent, grid, out = _start_sweep(tmp_path, sweep, "stack", SLOW_STOP=str(marker),
+                                     READY=str(ready))
+
+    def first():
+        _wait_for(ready.exists, 300, "the second epoch's second batch")
+        parent.send_signal(signal.SIGTERM)
+
+    def second():
+        _wait_for(marker.exists, 120, "the stop's checkpoint to begin")
+        time.sleep(3)  # a new request, not the first one delivered twice
+        parent.send_signal(signal.SIGTERM)
+
+    log = _stop_and_check(tmp_path, sweep, parent, out, first, second)
+    assert log.count("second SIGTERM: aborting the sweep now") == 1
+    _train(tmp_path, *grid)
+    assert {r["status"] for r in _statuses(sweep).values()} == {"completed"}

@@ -37,6 +37,9 @@ def test_provenance_of_a_tiny_run(tmp_path):
     assert prov["determinism"]["torch.use_deterministic_algorithms"] is True
     assert prov["packages"]["torch"] == importlib.metadata.version("torch")
     assert prov["torch"]["devices"]
+    import blurbtune
+
+    assert prov["code"]["source_sha256"] == _hand_hash(Path(blurbtune.__file__).parent)
     assert prov["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
     code = prov["code"]
     assert code["commit"] == "unknown" or len(code["commit"]) == 40
@@ -135,3 +138,90 @@ def test_verify_of_a_folder_that_is_no_run_is_an_error(tmp_path):
     from blurbtune.verify import main
 
     assert main([str(tmp_path)]) == 2
+
+
+def _git(where: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(where), *args], check=True, env=env,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _hand_hash(folder: Path) -> str:
+    """The documented source hash, worked out here from `git ls-files`-free first principles:
+    every .py and .yaml file, ordered by relative path, length-prefixed path then bytes."""
+    digest = hashlib.sha256()
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+    for rel in paths:
+        for part in (rel.encode(), (folder / rel).read_bytes()):
+            digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("how", ["ignored", "untracked"])
+def test_a_copy_inside_another_repository_does_not_record_its_commit(tmp_path, how):
+    """The package vendored (or unpacked) into another project's work tree, in an ignored or
+    an untracked folder: that project's commit says nothing of this code, so none is recorded;
+    the source hash is the original's (the same code)."""
+    import shutil
+
+    import blurbtune
+
+    other = tmp_path / "project"
+    other.mkdir()
+    _git(other, "init", "-q")
+    (other / ".gitignore").write_text("vendor/\n" if how == "ignored" else "")
+    (other / "main.py").write_text("print('their code')\n")
+    _git(other, "add", ".")
+    _git(other, "commit", "-qm", "theirs")
+    original = Path(blurbtune.__file__).resolve().parent
+    copy = other / "vendor" / "blurbtune"
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    # In a subprocess, as a user's run would: the copy's own provenance.json code section.
+    done = subprocess.run(
+        [sys.executable, "-c", "import json; from blurbtune import provenance; "
+         "print(json.dumps(provenance._process_state()['code']))"],
+        capture_output=True, text=True, check=True, cwd=other,
+        env={**os.environ, "PYTHONPATH": str(copy.parent)})
+    code = json.loads(done.stdout)
+    assert _git(other, "rev-parse", "HEAD") not in done.stdout
+    assert code["commit"] == "unknown" and code["dirty"] == "unknown"
+    assert code["source_sha256"] == _hand_hash(copy) == _hand_hash(original)
+
+
+def test_source_hash_follows_the_code_and_not_where_it_is(tmp_path):
+    """Same files elsewhere: the same hash; one byte changed, or a file added: another."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        (root / "conf").mkdir(parents=True)
+        (root / "m.py").write_text("x = 1\n")
+        (root / "conf" / "c.yaml").write_text("k: 1\n")
+        (root / "notes.txt").write_text("not source\n")
+    assert provenance.source_sha256(a) == provenance.source_sha256(b) == _hand_hash(a)
+    (b / "notes.txt").write_text("still not source\n")
+    assert provenance.source_sha256(b) == _hand_hash(a)
+    (b / "conf" / "c.yaml").write_text("k: 2\n")
+    assert provenance.source_sha256(b) != provenance.source_sha256(a)
+    assert provenance.source_sha256(b) == _hand_hash(b)
+
+
+def test_dirty_is_about_the_packages_files_only(tmp_path):
+    """The package tracked in a repository: its commit; a change elsewhere in the repository
+    leaves it clean, a changed or a new source file of the package makes it dirty."""
+    _git(tmp_path, "init", "-q")
+    pkg = tmp_path / "src" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "m.py").write_text("x = 1\n")
+    (tmp_path / "other.py").write_text("y = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "c")
+    state = provenance.git_state(pkg)
+    assert state["commit"] == _git(tmp_path, "rev-parse", "HEAD") and state["dirty"] is False
+    (tmp_path / "other.py").write_text("y = 2\n")
+    assert provenance.git_state(pkg)["dirty"] is False
+    (pkg / "new.py").write_text("z = 1\n")
+    assert provenance.git_state(pkg)["dirty"] is True
+    (pkg / "new.py").unlink()
+    (pkg / "m.py").write_text("x = 2\n")
+    assert provenance.git_state(pkg)["dirty"] is True

@@ -324,6 +324,54 @@ def test_auto_size_is_one_without_a_cuda_device_and_fits_memory_with_one():
     assert fit_count(5, 10, 1) == 1  # never less than one member
 
 
+def _auto_sized_stacks(monkeypatch, launcher: dict, seeds: int, lrs: str) -> tuple[list, list]:
+    """The stacked sweeper's jobs for `seed=0..seeds-1 optimizer.optim.lr=<lrs>` with
+    size=auto on a faked CUDA device: 100 GiB free; a stack of 1 peaks at 3 GiB, of 2 at 4 GiB
+    (1 GiB a member over 2 GiB). Returns the jobs and the probes run."""
+    from types import SimpleNamespace
+
+    import torch
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from blurbtune import probe
+    from hydra_plugins.blurbtune_stacked.stacked_sweeper import StackedSweeper
+
+    gib = 2**30
+    probes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * gib, 141 * gib))
+    monkeypatch.setattr(probe, "peak_memory", lambda cfg, k, device: (
+        probes.append(k), (2 + k) * gib)[1])
+    def job_config(config, overrides):  # what Hydra composes for one job
+        return OmegaConf.create({"model": {"name": "m"}, "task": {"batch_size": 8},
+                                 "stabilizer": {}, "trainer": {},
+                                 "optimizer": {"optim": {"lr": overrides[0]}}})
+    sweeper = StackedSweeper(size="auto")
+    sweeper.config = OmegaConf.create({"hydra": {"launcher": launcher}})
+    sweeper.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
+        load_sweep_config=job_config))
+    overrides = OverridesParser.create().parse_overrides(
+        [f"optimizer.optim.lr={lrs}", f"seed=range({seeds})"])
+    return sweeper.split_arguments(overrides, None)[0], probes
+
+
+def test_auto_size_shares_the_free_memory_among_the_jobs_that_run_at_once(monkeypatch):
+    """Five parallel jobs each plan for a fifth of the free memory: (0.85 x 100/5 GiB - 2 GiB
+    fixed) / 1 GiB a member = 15 members; the probe measures once for the sweep (the jobs
+    differ in lr only: the same memory)."""
+    parallel = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
+                            "JoblibLauncher", "n_jobs": 5}
+    jobs, probes = _auto_sized_stacks(monkeypatch, parallel, 30, "1e-5,2e-5,3e-5,4e-5,5e-5")
+    sizes = [len(line.split("=", 1)[1].strip("[]").split(",")) for job in jobs for line in job
+             if line.startswith("stack=")]
+    assert sizes == [15, 15] * 5 and len(jobs) == 10
+    assert probes == [1, 2]
+    # The basic launcher runs one job at a time: it has all of it, (85 - 2) / 1 = 83 > 30.
+    basic = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+    jobs, _ = _auto_sized_stacks(monkeypatch, basic, 30, "1e-5")
+    assert jobs == [["optimizer.optim.lr=1e-05", f"stack=[{','.join(map(str, range(30)))}]"]]
+
+
 def test_the_probe_step_runs_a_stack_of_the_job(tmp_path):
     """The probe trains one step of a stack of 2 on the task's longest batch (here on the CPU,
     where it counts no memory)."""

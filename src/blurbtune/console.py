@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from blurbtune.io import FULL
+
 OWN_LOGGERS = ("blurbtune", "__main__")
 
 
@@ -67,6 +69,27 @@ def log_to_console() -> None:
     handler.setFormatter(ConsoleFormatter())
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+class LogFile(logging.FileHandler):
+    """A run's `train.log`. On a full disk it stops writing, and says so once in one line
+    (logging's own handler prints a traceback for every record it cannot write); the run's
+    next write that matters ends it with the full-disk error (blurbtune.train)."""
+
+    full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if not (isinstance(error, OSError) and error.errno in FULL):
+            super().handleError(record)
+        elif not self.full:
+            self.full = True
+            print(f"warning: {self.baseFilename}: {error.strerror} (errno {error.errno}); "
+                  "the log's further lines are on the console only", file=sys.stderr)
 
 
 def quiet_libraries() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from blurbtune import console
 from blurbtune.errors import ConfigError
 from blurbtune.io import write_text_atomic
 from blurbtune.reproducibility import resolve_seeds
@@ -184,7 +185,7 @@ def member_logs(planned: list[Planned]) -> Iterator[None]:
     handlers = []
     for p in planned:
         p.out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(p.out / "train.log")
+        handler = console.LogFile(p.out / "train.log")
         handler.setLevel(template.level if template else logging.INFO)
         handler.setFormatter(template.formatter if template else logging.Formatter(
             "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))

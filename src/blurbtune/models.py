@@ -20,6 +20,7 @@ from transformers import (
 
 from blurbtune import adapters, hub
 from blurbtune.errors import ConfigError
+from blurbtune.io import writing
 from blurbtune.load_report import quiet_load, show_if_encoder
 from blurbtune.paths import minilm_path, package_path  # noqa: F401  (re-exported)
 from blurbtune.stabilizers import reinit_head
@@ -170,14 +171,15 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        if adapters.has_lora(model):
-            peft_model = adapters.as_peft_model(model)
-            peft_model.save_pretrained(tmp / ADAPTER_FOLDER)
-            peft_model.merge_and_unload().save_pretrained(tmp)
-            del peft_model
-        else:
-            model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with writing(folder):  # safetensors says a full disk as its own error
+            if adapters.has_lora(model):
+                peft_model = adapters.as_peft_model(model)
+                peft_model.save_pretrained(tmp / ADAPTER_FOLDER)
+                peft_model.merge_and_unload().save_pretrained(tmp)
+                del peft_model
+            else:
+                model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

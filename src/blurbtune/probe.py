@@ -3,9 +3,9 @@
 On a CUDA device, one training step of a stack of 1 and of 2 members is measured on the
 longest batch the task can make (`task.batch_size` rows of `task.max_length` tokens); the
 difference is one member's memory, the rest is what a stack needs whatever its size, and the
-device's free memory (less a margin) gives the count. Without a CUDA device the answer is 1:
-on a CPU a stack trains no faster than its members one after another (docs/benchmark.md), so
-the sweep runs them unstacked.
+device's free memory (less a margin), shared among the jobs the launcher runs at once, gives
+the count. Without a CUDA device the answer is 1: on a CPU a stack trains no faster than its
+members one after another (docs/benchmark.md), so the sweep runs them unstacked.
 """
 
 from __future__ import annotations
@@ -31,19 +31,65 @@ def fit_count(one: int, two: int, free: int, margin: float = MARGIN) -> int:
     return max(1, int((free * margin - fixed) // per_member))
 
 
-def auto_size(load_config: Callable[[], Any], limit: int = 64) -> int:
-    """`size=auto` for a job whose config `load_config()` composes."""
-    import torch
+def jobs_at_once(launcher: Any) -> int:
+    """How many of a sweep's jobs `launcher` (the `hydra.launcher` config) runs at the same time
+    on this machine: joblib's `n_jobs` (-1 one a CPU, -2 all but one...); 1 otherwise (the
+    basic launcher runs them one after another, submitit gives each its own device).
 
-    if not torch.cuda.is_available():
+    >>> jobs_at_once({"_target_": "hydra_plugins.x.JoblibLauncher", "n_jobs": 5})
+    5
+    """
+    import os
+
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return 1
-    cfg = load_config()
-    peaks = [peak_memory(cfg, k, "cuda") for k in (1, 2)]
-    free, _ = torch.cuda.mem_get_info()
-    count = min(limit, fit_count(peaks[0], peaks[1], free))
-    log.info("stack size auto: %d members (a stack of 1 peaks at %.0f MiB, of 2 at %.0f MiB; "
-             "%.0f MiB free)", count, peaks[0] / 2**20, peaks[1] / 2**20, free / 2**20)
-    return count
+    n = int(launcher.get("n_jobs") or 1)
+    return max(1, n if n > 0 else (os.cpu_count() or 1) + 1 + n)
+
+
+class AutoSize:
+    """`size=auto` for the jobs of one sweep. The device's free memory is read once, before any
+    probe, and shared by the `at_once` jobs the launcher runs together; a stack of 1 and of 2
+    are measured once for each memory-relevant config (model, task, stabilizer, trainer)."""
+
+    def __init__(self, at_once: int = 1, limit: int = 64) -> None:
+        self.at_once, self.limit = max(1, int(at_once)), limit
+        self.free: int | None = None  # bytes, read at the first job; 0 without a CUDA device
+        self.peaks: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, load_config: Callable[[], Any]) -> int:
+        import torch
+
+        if self.free is None:
+            self.free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        if not self.free:
+            return 1
+        cfg = load_config()
+        key = _memory_key(cfg)
+        if key not in self.peaks:
+            self.peaks[key] = (peak_memory(cfg, 1, "cuda"), peak_memory(cfg, 2, "cuda"))
+        one, two = self.peaks[key]
+        share = self.free // self.at_once
+        count = min(self.limit, fit_count(one, two, share))
+        log.info("stack size auto: %d members (a stack of 1 peaks at %.0f MiB, of 2 at %.0f MiB; "
+                 "%.0f MiB free, shared by the %d jobs that run at once)", count, one / 2**20,
+                 two / 2**20, self.free / 2**20, self.at_once)
+        return count
+
+
+def auto_size(load_config: Callable[[], Any], limit: int = 64) -> int:
+    """`size=auto` for one job that runs alone on the device."""
+    return AutoSize(1, limit)(load_config)
+
+
+def _memory_key(cfg: Any) -> str:
+    import json
+
+    from omegaconf import OmegaConf
+
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=False) if k in cfg else None
+             for k in ("model", "task", "stabilizer", "trainer")}
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def peak_memory(cfg: Any, members: int, device: str) -> int:

@@ -1,13 +1,15 @@
 """`provenance.json`: what made a run, so its numbers can be traced and re-made.
 
-The command and overrides, the code (git commit and dirty flag), Python and every installed
-package, torch/CUDA/cuDNN and the devices, the model's source with a hash of its weights, the
-sha256 of every data file read, the seeds and the determinism flags in force.
+The command and overrides, the code (a sha256 of the package's source, and the git commit and
+dirty flag where a checkout tracks it), Python and every installed package, torch/CUDA/cuDNN
+and the devices, the model's source with a hash of its weights, the sha256 of every data file
+read, the seeds and the determinism flags in force.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -27,22 +29,56 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 VOLATILE = ("command", "overrides")
 
 
-def git_state(path: Path) -> dict[str, Any]:
-    """Commit and dirty flag of the git checkout holding `path`; "unknown" when there is none."""
+SOURCE_SUFFIXES = (".py", ".yaml")  # the package's code and its shipped config
+
+
+def source_files(folder: Path) -> list[Path]:
+    """The package's source files under `folder` (.py and the shipped conf's .yaml), sorted by
+    their path relative to it."""
+    folder = Path(folder)
+    found = [p for p in folder.rglob("*") if p.suffix in SOURCE_SUFFIXES
+             and "__pycache__" not in p.parts and p.is_file()]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def source_sha256(folder: Path) -> str:
+    """sha256 over the package's source files: for each, in order of its relative path, the
+    path (utf-8) and the bytes, each preceded by its length as 8 big-endian bytes. Two runs
+    with the same hash ran the same code, wherever it was installed."""
+    digest = hashlib.sha256()
+    for path in source_files(folder):
+        for part in (path.relative_to(folder).as_posix().encode(), path.read_bytes()):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def git_state(folder: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the git checkout that tracks the package in `folder`; "unknown"
+    when none does (no checkout, or the folder sits untracked or ignored inside another
+    repository's work tree: that repository's commit says nothing about this code). `dirty`:
+    a tracked source file differs from the commit, or a source file is untracked."""
+    folder = Path(folder).resolve()
+
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True,
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True,
                                   text=True, timeout=20, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
-        return done.stdout.strip() if done.returncode == 0 else None
+        return done.stdout if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": "unknown", "dirty": "unknown", "root": "unknown"}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": "unknown" if status is None else bool(status),
-            "root": git("rev-parse", "--show-toplevel")}
+    unknown = {"commit": "unknown", "dirty": "unknown", "root": "unknown"}
+    commit, listed = git("rev-parse", "HEAD"), git("ls-files", "-z", "--", ".")
+    tracked = set(filter(None, (listed or "").split("\0")))  # relative to `folder`
+    if commit is None or not tracked:
+        return unknown
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    untracked = any(p.relative_to(folder).as_posix() not in tracked
+                    for p in source_files(folder))
+    return {"commit": commit.strip(),
+            "dirty": "unknown" if status is None else bool(status.strip()) or untracked,
+            "root": (git("rev-parse", "--show-toplevel") or "").strip()}
 
 
 def packages() -> dict[str, str]:
@@ -104,7 +140,9 @@ def model_source(model_cfg: Any, model: Any) -> dict[str, Any]:
 def _process_state() -> dict[str, Any]:
     """The code's git state and the installed packages, asked once per process: the runs of a
     sweep run the code and packages the process imported when it started."""
-    return {"git": git_state(Path(blurbtune.__file__).parent), "packages": packages()}
+    folder = Path(blurbtune.__file__).resolve().parent
+    return {"code": {**git_state(folder), "source_sha256": source_sha256(folder)},
+            "packages": packages()}
 
 
 def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
@@ -119,7 +157,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
         "overrides": list(overrides),
         "code": {"blurbtune": blurbtune.__version__,
                  "source": str(Path(blurbtune.__file__).parent),
-                 **_process_state()["git"]},
+                 **_process_state()["code"]},
         "python": {"version": sys.version.split()[0], "implementation":
                    platform.python_implementation(), "platform": platform.platform()},
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda,

@@ -24,6 +24,8 @@ import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from blurbtune import stopping
+from blurbtune.io import writing
 from blurbtune.reproducibility import rng_state, set_rng_state
 
 log = logging.getLogger("blurbtune")
@@ -179,7 +181,8 @@ class FileCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            torch.save(checkpoint, tmp)
+            with writing(path):  # torch's zip writer says a full disk as a RuntimeError
+                torch.save(checkpoint, tmp)
             os.replace(tmp, path)
         except BaseException:  # a full disk: no half-written file left to keep it full
             tmp.unlink(missing_ok=True)
@@ -271,7 +274,8 @@ class Resumable(pl.Callback):
         self._restore_sigint()
         mid_epoch = 0 < trainer.fit_loop.epoch_loop.batch_progress.current.completed \
             < trainer.num_training_batches
-        if trainer.received_sigterm and mid_epoch and not self._validating:
+        if trainer.received_sigterm and mid_epoch and not self._validating \
+                and not stopping.aborting():  # a second signal: stop now, no checkpoint
             self._save(trainer, mid_epoch=True)
             log.warning("interrupted: state saved in %s; run the same command to resume",
                         self.path)

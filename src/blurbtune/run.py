@@ -15,9 +15,11 @@ is a stack of one, which calls the model directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 import traceback
@@ -44,7 +46,7 @@ from blurbtune import (
 )
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
-from blurbtune.io import write_json, write_jsonl, write_text_atomic
+from blurbtune.io import as_full_disk, write_json, write_jsonl, write_text_atomic
 from blurbtune.lock import LockHeld, RunLock
 from blurbtune.members import Planned
 from blurbtune.models import compile_model, load_model, load_tokenizer, save_model
@@ -115,7 +117,8 @@ def run(cfg: DictConfig) -> float:
             str(p.out) for p in planned))
         return math.nan
     if rank_zero_only.rank != 0:  # a DDP process Lightning started: rank 0 holds the lock
-        return _mean(_run_group(planned, {}))
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # and prints
+            return _mean(_run_group(planned, {}))
     locks: list[RunLock] = []
     try:
         todo, scores, refusals = [], [], []
@@ -243,8 +246,11 @@ def _run_group(group: list[Planned], previous: dict[str, dict | None]) -> list[f
     # What the runs have done; _train fills it in.
     done: dict[str, Any] = {"written": set(), "started": time.time()}
     try:
-        return _train(group, identities, done, previous)
-    except (Exception, KeyboardInterrupt, SystemExit) as e:
+        with stopping.abortable():
+            return _train(group, identities, done, previous)
+    except (Exception, KeyboardInterrupt, SystemExit) as raised:
+        # A library's own error for a full disk (a logger's, a writer's): said as ENOSPC.
+        e = as_full_disk(raised, group[0].out)
         _record_stop(e, group, identities, done, traceback.format_exc())
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
         if interrupted and stopping.in_pool_worker():
@@ -256,7 +262,9 @@ def _run_group(group: list[Planned], previous: dict[str, dict | None]) -> list[f
         if isinstance(e, SIGTERMException):  # Lightning's has exit code None: say it failed
             raise SystemExit(128 + signal.SIGTERM) from e
         if interrupted or not _in_multirun():
-            raise
+            if e is raised:
+                raise
+            raise e from raised
         _release_memory()
         if not isinstance(e, DivergedError):  # a divergence is a result
             sweep_outcome.note(", ".join(p.out.name for p in group), f"{type(e).__name__}: {e}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import math
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from omegaconf import DictConfig
 from blurbtune import sweep_outcome
 from blurbtune.config import check_overrides, register_resolvers
 from blurbtune.errors import BlurbtuneError, ConfigError
+from blurbtune.io import FULL
 from blurbtune.settings import check_settings
 from blurbtune.threads import set_wait_policy
 
@@ -70,9 +70,6 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, disk quota exceeded
 
 
 def _fail(e: BlurbtuneError | str) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from blurbtune.io import writing
+
 # Every file a report can write (tests/test_report_folder.py keeps this list complete); a
 # folder holding anything else is not a report, and is never replaced.
 REPORT_FILES = frozenset({
@@ -65,7 +67,8 @@ def staged(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        yield tmp
+        with writing(tmp):  # a plotting or table library's own error on a full disk: ENOSPC
+            yield tmp
         publish(tmp, out)
     except OSError as e:
         raise ReportError(f"--out {out}: the report could not be written ({e.strerror or e}); "

@@ -9,9 +9,10 @@ job, `... stabilizer=llrd stack=[0,1,2,3]`, that trains its seeds in one process
 launcher decides where the jobs run (basic, `hydra/launcher=parallel`, `slurm_gpu`), as for
 any sweep. A group of one seed stays a plain job.
 
-`size`: an integer, or `auto`: on a CUDA device, as many members as the free memory holds
-(a measured probe step, `blurbtune.probe`); without one, 1 (on a CPU a stack trains no faster
-than its runs one after another: docs/benchmark.md).
+`size`: an integer, or `auto`: on a CUDA device, as many members as the free memory holds,
+shared by the jobs the launcher runs at once (`hydra.launcher.n_jobs` with
+`hydra/launcher=parallel`; a measured probe step, `blurbtune.probe`); without one, 1 (on a
+CPU a stack trains no faster than its runs one after another: docs/benchmark.md).
 
 This module is imported whenever Hydra starts (it scans its plugins): it imports nothing heavy.
 Its config dataclass keeps `typing` annotations (no `from __future__ import annotations`):
@@ -97,6 +98,7 @@ class StackedSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=params)
         check_sweeper_size(size)  # the command line checked it already (blurbtune.sweep_outcome)
         self.size = size
+        self._auto: Any = None  # blurbtune.probe.AutoSize, made at the first job that asks
 
     def split_arguments(self, overrides: list[Override],  # type: ignore[override]
                         max_batch_size: int | None) -> list[list[list[str]]]:
@@ -111,7 +113,9 @@ class StackedSweeper(BasicSweeper):
     def _members(self, job: list[str]) -> int:
         if str(self.size) != "auto":
             return int(self.size)
-        from blurbtune.probe import auto_size
+        if self._auto is None:  # one per sweep: the free memory read once, shared by its jobs
+            from blurbtune.probe import AutoSize, jobs_at_once
 
-        return auto_size(lambda: self.hydra_context.config_loader.load_sweep_config(
+            self._auto = AutoSize(jobs_at_once(self.config.hydra.launcher))
+        return self._auto(lambda: self.hydra_context.config_loader.load_sweep_config(
             self.config, list(job)))
