@@ -269,6 +269,7 @@ def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
     from bench_train import flop_parameters
 
     out, shape, rows = [], p["bert"], p["rows"]
+    params = flop_parameters(_model(shape, 0, 0.1))
     for length in p["bert_lengths"]:
         separate = None
         for K in p["bert_members"]:
@@ -276,7 +277,6 @@ def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
             if not budget.fits(f"bert L={length} K={K}", guess):
                 continue
             trainee = Trainee(shape, K if K > 1 else None, "fused", 0.1, device)
-            params = flop_parameters(_model(shape, 0, 0.1))
             batches = _batches(K if K > 1 else 0, rows, length, shape["vocab_size"],
                                p["warmup"] + p["steps"], device)
             got = time_steps(trainee, batches, p["warmup"])
@@ -284,8 +284,8 @@ def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
             tflops = step_flops(shape, K * rows * length, length, params) \
                 / (got["ms_per_step"] / 1e3) / 1e12
             got.update({"length": length, "members": K, "rows": rows,
-                        "tflop_per_s": round(tflops, 2),
-                        "share_of_matmul": round(tflops * 1e12 / rate, 4)})
+                        "tflop_per_s": float(f"{tflops:.4g}"),
+                        "share_of_matmul": float(f"{tflops * 1e12 / rate:.4g}")})
             if K == 1:
                 separate = got["ex_per_s"]
             got["separate_ex_per_s"] = separate
@@ -301,7 +301,7 @@ def preset_part(args: argparse.Namespace, env: dict, budget: Budget) -> dict:
     need = 60.0 if args.dry else 150.0
     if not budget.fits("preset", need):
         return {"skipped": True}
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-preset-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-preset-", dir=args.work))
     stamps = work / "stamps.jsonl"
     argv = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=study_biosses",
             f"trainer={'cpu' if args.dry else 'gpu'}", f"data_dir={args.data_dir}",
@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=None,
                         help="BLURB folder for the preset (default: .gpu/blurb; dry: the "
                              "test fixtures)")
+    parser.add_argument("--work", default=None,
+                        help="folder for the preset's sweep (default: the system's temp)")
     parser.add_argument("--no-setup", action="store_true",
                         help="do not install .whl/ or restore MiniLM (already done)")
     args = parser.parse_args(argv)
