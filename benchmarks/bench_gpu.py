@@ -344,6 +344,49 @@ def preset_part(args: argparse.Namespace, env: dict, budget: Budget) -> dict:
     return out
 
 
+def cpu_part(shape: dict, shapes: list[tuple[int, int]], members: int,
+             steps: int) -> list[dict]:
+    """On the CPU: eager against fused attention for a stack of `shape` (MiniLM's), steps of the two
+    interleaved (so that what else runs on the machine falls on both), each timed in this
+    thread's CPU time; training steps (attention dropout 0.1) and shared evaluation batches
+    (half the first row padding)."""
+    import torch
+
+    from blurbtune import stacking
+
+    out = []
+    for rows, length in shapes:
+        batches = _batches(members, rows, length, shape["vocab_size"], steps + 1, "cpu")
+        ways = {a: Trainee(shape, members, a, 0.1, "cpu") for a in ("eager", "fused")}
+        spent: dict[str, dict[str, list]] = {a: {"train": [], "eval": []} for a in ways}
+        for way in ways.values():
+            way.step(batches[0])
+        shared = _batches(0, rows * 2, length, shape["vocab_size"], 1, "cpu")[0]
+        shared.pop("labels")
+        shared["attention_mask"][0, length // 2:] = 0
+        for i in range(steps):
+            for name in (("eager", "fused") if i % 2 == 0 else ("fused", "eager")):
+                way = ways[name]
+                t0 = time.thread_time()
+                way.model.train()
+                way.step(batches[1 + i])
+                t1 = time.thread_time()
+                way.model.eval()
+                with torch.no_grad():
+                    stacking.forward(way.model, way.stacked, shared, True)
+                spent[name]["train"].append(t1 - t0)
+                spent[name]["eval"].append(time.thread_time() - t1)
+        row = {"members": members, "rows": rows, "length": length, "steps": steps}
+        for phase in ("train", "eval"):
+            med = {a: statistics.median(spent[a][phase]) for a in ways}
+            row[phase] = {"eager_s": round(med["eager"], 4), "fused_s": round(med["fused"], 4),
+                          "fused_over_eager": round(med["fused"] / med["eager"], 3)}
+        say(f"cpu {rows}x{length} K={members}: {row}")
+        out.append(row)
+        _release(*ways.values())
+    return out
+
+
 # --------------------------------------------------------------------------- the driver
 
 def setup(args: argparse.Namespace) -> dict:
@@ -403,6 +446,15 @@ def print_tables(result: dict) -> None:
         print(f"| {got['rows']}x{got['length']} | {got['members']} | {got['ex_per_s']} | "
               f"{got['separate_ex_per_s']} | {got['x_separate']} | {got['tflop_per_s']} | "
               f"{100 * got['share_of_matmul']:.1f}% |")
+    if result.get("cpu"):
+        print("\n| CPU, MiniLM shape | K | train step eager s | fused s | fused/eager | "
+              "eval batch eager s | fused s | fused/eager |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in result["cpu"]:
+            t, e = r["train"], r["eval"]
+            print(f"| {r['rows']}x{r['length']} | {r['members']} | {t['eager_s']} | "
+                  f"{t['fused_s']} | {t['fused_over_eager']} | {e['eager_s']} | {e['fused_s']} | "
+                  f"{e['fused_over_eager']} |")
     preset = result.get("preset", {})
     if preset.get("wall_s") is not None:
         print(f"\nBIOSSES preset: {preset['completed_runs']}/{preset['runs']} runs completed in "
@@ -420,6 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=500,
                         help="seconds for everything, checked before each part (%(default)s)")
     parser.add_argument("--parts", default="matmul,minilm,bert,preset")
+    parser.add_argument("--cpu", action="store_true",
+                        help="only eager against fused attention on this CPU (1 torch thread, "
+                             "MiniLM shape, K=2 at 8x32, 4x128 and 2x512; several minutes)")
     parser.add_argument("--data-dir", default=None,
                         help="BLURB folder for the preset (default: .gpu/blurb; dry: the "
                              "test fixtures)")
@@ -432,6 +487,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                  else ".gpu/blurb"))
     import torch
 
+    if args.cpu:
+        torch.set_num_threads(1)
+        result = {"environment": environment("cpu"), "threads": 1,
+                  "cpu": cpu_part(MINILM, [(8, 32), (4, 128), (2, 512)], 2, 6)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print_tables(result)
+        return result
     device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -448,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["minilm"] = minilm_part(p, device, budget)
     if "bert" in parts:
         result["bert"] = bert_part(p, device, rate["flops"], budget)
+    if args.dry:
+        result["cpu"] = cpu_part(TINY, [p["minilm_shapes"]["biosses"]], 2, 2)
     if "preset" in parts:
         result["preset"] = preset_part(args, env, budget)
     result["skipped"] = budget.skipped

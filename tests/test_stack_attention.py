@@ -3,9 +3,11 @@
 On the CPU in fp32: with dropout off, the fused path's loss, logits and gradients equal the
 eager path's to 1e-6; with attention dropout on, a member's loss and gradients are the same
 in any stack it trains in (its masks come from its own generator) and equal its single run's;
-the fused path is taken (scaled_dot_product_attention called, once for the stack or once per
-member) and no [K, B, H, L, L] tensor is made. The exactness tests of every family, head and
-stabilizer (tests/test_stacking.py) run the fused path too: it is the default.
+every family and head stacks each member as its own model through the fused path (the check of
+tests/test_stacking.py, the attention forced fused); the fused path is taken
+(scaled_dot_product_attention called, once for the stack or once per member) and no
+[K, B, H, L, L] tensor is made. A stack's default (`auto`) is fused on a GPU and eager on a
+CPU, where the exactness tests of tests/test_stacking.py run as before.
 """
 
 from __future__ import annotations
@@ -158,6 +160,37 @@ def test_the_fused_path_is_taken_and_makes_no_stack_of_scores(monkeypatch, atten
     assert (len(seeds), ROWS, HEADS, PADDED, PADDED) in eager.shapes
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "distilbert",
+                                    "modernbert"])
+@pytest.mark.parametrize("head", ["seq", "tok"])
+def test_every_family_stacks_each_member_as_its_own_model_with_fused_attention(
+        monkeypatch, family, head):
+    import test_stacking
+
+    prepare = stacking.prepare_skeleton
+
+    def fused(model, attention="auto"):
+        assert prepare(model, "fused") == "fused"
+        return "fused"
+
+    monkeypatch.setattr(stacking, "prepare_skeleton", fused)
+    test_stacking.test_every_family_stacks_each_member_as_its_own_model(family, head)
+
+
+def test_auto_is_eager_on_a_cpu_as_before():
+    """`auto` on the CPU runs the family's eager attention: a member's loss and gradients are
+    bit for bit those of eager attention set by name."""
+    config, seeds, lengths = _config(0.2, 0.1), (3, 7), (6, 9)
+    data = [_batch(s, n) for s, n in zip(seeds, lengths, strict=True)]
+    eager, stacked, out_e = _stack_step(seeds, data, lengths, config, "eager")
+    auto, _, out_a = _stack_step(seeds, data, lengths, _config(0.2, 0.1), "auto")
+    assert auto.config._attn_implementation == "blurbtune_stacked"
+    assert torch.equal(out_a.loss, out_e.loss)
+    for k in range(len(seeds)):
+        ge, ga = _grads(eager, stacked, k), _grads(auto, stacked, k)
+        assert all(torch.equal(ga[n], ge[n]) for n in ge)
+
+
 def test_a_family_outside_the_attention_interface_runs_eager_named_in_one_line(caplog):
     from test_stabilizers import CONFIGS
 
@@ -165,7 +198,7 @@ def test_a_family_outside_the_attention_interface_runs_eager_named_in_one_line(c
     models = [_model(s, config) for s in (0, 1)]
     skeleton, _ = stacking.stack_models(models)
     with caplog.at_level(logging.INFO, logger="blurbtune"):
-        assert stacking.prepare_skeleton(skeleton) == "eager"
+        assert stacking.prepare_skeleton(skeleton, "fused") == "eager"
     said = [r.getMessage() for r in caplog.records if "stacked attention" in r.getMessage()]
     assert said == ["stacked attention: model family 'deberta-v2' runs eager attention under "
                     "vmap (its disentangled attention is its own code, not transformers' "

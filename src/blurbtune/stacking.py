@@ -13,9 +13,9 @@ What keeps a member exactly its own run:
   member's masks would depend on its stack. ``member_draws`` routes ``F.dropout`` (which
   ``nn.Dropout`` and the attention code call) to draws from each member's own generator,
   seeded as the single run seeds torch, in the order the single run draws them.
-- Attention: PyTorch's fused kernels on every member at once, each member's attention
-  dropout drawn from its own generator (``blurbtune.stack_attention``; eager attention where a
-  family cannot, ``prepare_skeleton``).
+- Attention: on a GPU, PyTorch's fused kernels on every member at once, each member's
+  attention dropout drawn from its own generator (``blurbtune.stack_attention``); on a CPU,
+  and for a family whose attention is its own code, eager attention (``prepare_skeleton``).
 - Attention masks: the 2-D padding mask goes through transformers code that branches on the
   data, which ``vmap`` refuses; the equivalent additive 4-D mask passes (``attention_inputs``).
 - Gradient norms, clipping and divergence are per member (``member_grad_norms``,
@@ -394,22 +394,23 @@ def mask_form(model: nn.Module) -> str:
     return FAMILIES[model.config.model_type].stack_mask or "additive"
 
 
-def prepare_skeleton(model: nn.Module, attention: str = "fused") -> str:
-    """Set the skeleton's attention for `vmap`; returns the one it runs, ``fused`` or
-    ``eager``. Fused (`blurbtune.stack_attention`): PyTorch's scaled_dot_product_attention on
+def prepare_skeleton(model: nn.Module, attention: str = "auto") -> str:
+    """Set the skeleton's attention for `vmap`; returns the one set. ``auto``: fused where
+    the stack runs on a GPU, eager on a CPU; ``fused``: fused on every device; ``eager``:
+    eager. Fused (`blurbtune.stack_attention`): PyTorch's scaled_dot_product_attention on
     every member at once, dropout drawn per member. Eager: transformers' eager attention under
     `vmap`, ``[K, B, H, L, L]`` tensors, its dropout through `F.dropout` (drawn per member);
-    taken where asked, or where the family's attention is not transformers' attention
-    interface (`families.Family.fused_attention`), which one log line names."""
+    also where the family's attention is not transformers' attention interface
+    (`families.Family.fused_attention`), which one log line names."""
     from blurbtune.families import FAMILIES
 
     family = FAMILIES.get(model.config.model_type)
-    if attention == "fused" and family is not None and family.fused_attention:
+    if attention != "eager" and family is not None and family.fused_attention:
         from blurbtune import stack_attention
 
-        stack_attention.use(model)
-        return "fused"
-    if attention == "fused":
+        stack_attention.use(model, everywhere=attention == "fused")
+        return attention
+    if attention != "eager":
         why = family.attention_note if family is not None else "not in blurbtune.families"
         log.info("stacked attention: model family %r runs eager attention under vmap (%s)",
                  model.config.model_type, why)
