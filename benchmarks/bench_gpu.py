@@ -423,9 +423,17 @@ def environment(device: str) -> dict:
 
 
 def print_tables(result: dict) -> None:
+    if result.get("minilm"):
+        print_minilm(result["minilm"])
+    if result.get("bert"):
+        print_bert(result["bert"])
+    print_rest(result)
+
+
+def print_minilm(rows: list[dict]) -> None:
     print("\n| shape | K | attention | ms/step | train ex/s | peak GiB | x eager | x separate |")
     print("|---|---|---|---|---|---|---|---|")
-    for row in result.get("minilm", []):
+    for row in rows:
         for way in ("eager", "fused", "separate"):
             if way in row:
                 got = row[way]
@@ -439,13 +447,19 @@ def print_tables(result: dict) -> None:
             cmp = row["loss_after_steps"]
             print(f"| {row['shape']}: largest member loss difference eager vs fused after "
                   f"{cmp['steps']} steps (dropout off) | {cmp['max_abs_diff']:.2e} |")
+
+
+def print_bert(rows: list[dict]) -> None:
     print("\n| BERT-base shape | K | ex/s | separate ex/s | x separate | TFLOP/s | "
           "share of matmul |")
     print("|---|---|---|---|---|---|---|")
-    for got in result.get("bert", []):
+    for got in rows:
         print(f"| {got['rows']}x{got['length']} | {got['members']} | {got['ex_per_s']} | "
               f"{got['separate_ex_per_s']} | {got['x_separate']} | {got['tflop_per_s']} | "
               f"{100 * got['share_of_matmul']:.1f}% |")
+
+
+def print_rest(result: dict) -> None:
     if result.get("cpu"):
         print("\n| CPU, MiniLM shape | K | train step eager s | fused s | fused/eager | "
               "eval batch eager s | fused s | fused/eager |")
