@@ -265,34 +265,36 @@ def step_flops(shape: dict, tokens: int, length: int, params: int) -> float:
 
 
 def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
-    """BERT-base shape: a single run and fused stacks, against the runs one after another."""
+    """BERT-base shape: a single run (K = 1) and fused stacks, each built once and timed at
+    every length, against the runs one after another (K single runs: the single run's ex/s)."""
     from bench_train import flop_parameters
 
     out, shape, rows = [], p["bert"], p["rows"]
     params = flop_parameters(_model(shape, 0, 0.1))
-    for length in p["bert_lengths"]:
-        separate = None
-        for K in p["bert_members"]:
-            guess = (30.0 if length >= 512 else 12.0) * K / 10 + 5 if device == "cuda" else 15
-            if not budget.fits(f"bert L={length} K={K}", guess):
-                continue
-            trainee = Trainee(shape, K if K > 1 else None, "fused", 0.1, device)
+    separate: dict[int, float] = {}
+    for K in p["bert_members"]:
+        guess = (45.0 * K / 10 + 10) if device == "cuda" else 15.0
+        if not budget.fits(f"bert K={K}", guess):
+            continue
+        trainee = Trainee(shape, K if K > 1 else None, "fused", 0.1, device)
+        for length in p["bert_lengths"]:
             batches = _batches(K if K > 1 else 0, rows, length, shape["vocab_size"],
                                p["warmup"] + p["steps"], device)
             got = time_steps(trainee, batches, p["warmup"])
-            _release(trainee)
             tflops = step_flops(shape, K * rows * length, length, params) \
                 / (got["ms_per_step"] / 1e3) / 1e12
             got.update({"length": length, "members": K, "rows": rows,
                         "tflop_per_s": float(f"{tflops:.4g}"),
                         "share_of_matmul": float(f"{tflops * 1e12 / rate:.4g}")})
             if K == 1:
-                separate = got["ex_per_s"]
-            got["separate_ex_per_s"] = separate
-            got["x_separate"] = round(got["ex_per_s"] / separate, 2) if separate else None
+                separate[length] = got["ex_per_s"]
+            got["separate_ex_per_s"] = separate.get(length)
+            got["x_separate"] = round(got["ex_per_s"] / separate[length], 2) \
+                if length in separate else None
             say(f"bert L={length} K={K}: {got}")
             out.append(got)
-    return out
+        _release(trainee)
+    return sorted(out, key=lambda r: (r["length"], r["members"]))
 
 
 def preset_part(args: argparse.Namespace, env: dict, budget: Budget) -> dict:
