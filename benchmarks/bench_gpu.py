@@ -7,10 +7,11 @@ One invocation, every figure side by side, one JSON file (issue 24):
            PubMedQA's shape (batch 16, length 512) and BIOSSES' (batch 16, length 128): ms per
            training step, training ex/s and peak memory with eager attention under vmap
            (`stacking.prepare_skeleton(..., "eager")`, as before issue 24) and with the fused
-           one (the default), attention dropout on (0.1, as trained); then 20 steps of each from
-           the same weights and batches with dropout off, and the largest difference between
-           their members' losses after them; and the same shapes as separate runs one after
-           another (one plain model, sdpa, as a single run trains: K runs take K times a run)
+           one (a stack's default on a GPU), attention dropout on (0.1, as trained); then 20
+           steps of each from the same weights and batches with dropout off, and the largest
+           difference between their members' losses after them; and the same shapes as
+           separate runs one after another (one plain model, sdpa, as a single run trains: K
+           runs take K times a run)
   bert     a BERT-base shape (random weights) at K = 1 (a single run), 4 and 10 and lengths 128
            and 512, batch 16, fused: ex/s, TFLOP/s and the share of the measured matmul rate,
            against the same runs one after another
@@ -29,6 +30,8 @@ On the H200 (15 minutes of device time a session, 10 a command): first, on this 
 `python scripts/pack_for_gpu.py` (MiniLM, the BLURB folders incl. BIOSSES, the wheels), then
 
     python benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # on the GPU machine, < 9 min
+
+(with the device tool: carry `.gpu` and `.whl`, timeout_s 600),
 
 which installs `.whl/` into /tmp/site and restores MiniLM as scripts/gpu_study.py does (the
 preset needs them; `--no-setup` skips it). `--budget` (default 500 s) is checked before each

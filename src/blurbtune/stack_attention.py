@@ -30,10 +30,11 @@ What that gives, by device:
 
 Two names are registered. ``NAME`` (what a stack uses): fused where the tensors are on a GPU,
 and on a CPU the family's own eager attention, exactly as before this module: on a CPU the
-fused path is no faster in training (SDPA's math path with dropout does what eager attention
-does, one member at a time; docs/benchmark.md) and its rounding, though closer to the single
-run per step, moved one ill-conditioned exactness case (a near-constant similarity run's
-Pearson r) by 1.7e-5 after two epochs, over the suite's 1e-5. ``FUSED``: fused on every device
+fused path gains little in training (0.84-0.96x eager's step: SDPA's math path with dropout
+does what eager attention does, one member at a time; docs/benchmark.md), and its rounding,
+though closer to the single run per step, moved one ill-conditioned exactness case (a
+near-constant similarity run's Pearson r) by 1.7e-5 after two epochs, over the suite's 1e-5.
+``FUSED``: fused on every device
 (the tests run it on the CPU against eager attention and against the single runs).
 
 A family whose attention does not go through transformers' attention interface (DeBERTa-v2's
