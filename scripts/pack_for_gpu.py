@@ -12,8 +12,9 @@ ignored paths only), and prints what travels against the tool's 64 MiB limit:
   so that the GPU machine checks what it restored. The restored model is MiniLM rounded to fp16,
   not the package's weights: its sha256 differs, and `blurbtune report` keeps its runs apart
   from runs of the original weights.
-- `.gpu/blurb/`: a copy of the BLURB folders of PubMedQA, GAD and HoC (7 MB; research use, never
-  committed: `../shared/blurb/README.md`).
+- `.gpu/blurb/`: a copy of the BLURB folders of PubMedQA, GAD and HoC, and BIOSSES for
+  `benchmarks/bench_gpu.py`'s study preset (7 MB; research use, never committed:
+  `../shared/blurb/README.md`).
 - `.whl/`: the wheels the GPU machine lacks, for CPython 3.12 manylinux x86_64, each pinned to
   the version installed here (the versions the tests run with), fetched with the device README's
   exact `pip download` flags. What its image already holds (`/work/.library/device/KINDS.md`) is
@@ -164,7 +165,7 @@ def copy_data(data_dir: Path, target: Path) -> None:
 
     if target.exists():
         shutil.rmtree(target)
-    for task in TASKS:
+    for task in (*TASKS, "biosses"):  # BIOSSES: benchmarks/bench_gpu.py's study preset
         folder = compose([f"task={task}"]).task.folder
         shutil.copytree(data_dir / folder, target / folder)
 

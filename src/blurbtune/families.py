@@ -61,7 +61,9 @@ class Family:
     al. 2021), or the fused query/key/value projection where the family has one.
     ``stack_mask`` is the attention-mask form the family takes when its seeds are stacked
     (``blurbtune.stacking``: ``additive``, the 4-D mask; ``2d``, the padding mask as it is);
-    None when it cannot be stacked, ``stack_note`` saying why.
+    None when it cannot be stacked, ``stack_note`` saying why. ``fused_attention``: whether
+    its attention goes through transformers' attention interface, so that a stack runs it with
+    fused kernels (``blurbtune.stack_attention``); where not, ``attention_note`` says why.
     """
 
     embeddings: tuple[str, ...]
@@ -73,6 +75,8 @@ class Family:
     lora_targets: tuple[str, ...] = ("query", "value")
     stack_mask: str | None = "additive"
     stack_note: str = ""
+    fused_attention: bool = True
+    attention_note: str = ""
 
 
 _BERT_LIKE = Family(embeddings=("embeddings",), layers="encoder.layer", pooler="pooler")
@@ -91,6 +95,9 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         # DeBERTa builds its attention mask from the 2-D one with no branch on the data.
         stack_mask="2d",
+        fused_attention=False,
+        attention_note="its disentangled attention is its own code, not transformers' "
+                       "attention interface",
         lora_targets=("query_proj", "value_proj"),
     ),
     "distilbert": Family(embeddings=("embeddings",), layers="transformer.layer",

@@ -13,6 +13,9 @@ What keeps a member exactly its own run:
   member's masks would depend on its stack. ``member_draws`` routes ``F.dropout`` (which
   ``nn.Dropout`` and the attention code call) to draws from each member's own generator,
   seeded as the single run seeds torch, in the order the single run draws them.
+- Attention: on a GPU, PyTorch's fused kernels on every member at once, each member's
+  attention dropout drawn from its own generator (``blurbtune.stack_attention``); on a CPU,
+  and for a family whose attention is its own code, eager attention (``prepare_skeleton``).
 - Attention masks: the 2-D padding mask goes through transformers code that branches on the
   data, which ``vmap`` refuses; the equivalent additive 4-D mask passes (``attention_inputs``).
 - Gradient norms, clipping and divergence are per member (``member_grad_norms``,
@@ -30,6 +33,7 @@ identical predicted labels). Plain torch only; no Lightning, no Hydra.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +46,7 @@ from torch.func import functional_call, vmap
 
 from blurbtune.errors import ConfigError
 
+log = logging.getLogger("blurbtune")
 _LOCAL = threading.local()  # the generators of the members being run (member_draws)
 _DROPOUT = F.dropout
 
@@ -149,6 +154,11 @@ def _member_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     if p == 1.0:
         return input * 0.0
     return input * _MemberNoise.apply(input.detach(), 1.0 - p)
+
+
+def member_context() -> tuple[list | None, list | None, int | None]:
+    """The generators, own lengths and padded length `member_draws` set (None outside it)."""
+    return tuple(getattr(_LOCAL, n, None) for n in ("generators", "lengths", "padded"))
 
 
 @contextlib.contextmanager
@@ -397,8 +407,25 @@ def mask_form(model: nn.Module) -> str:
     return FAMILIES[model.config.model_type].stack_mask or "additive"
 
 
-def prepare_skeleton(model: nn.Module) -> None:
-    """Eager attention: its dropout goes through `F.dropout` (drawn per member) and it takes the
-    additive mask; sdpa's batching rule falls back to a loop on the CPU and its backward failed
-    under `vmap` on CUDA."""
+def prepare_skeleton(model: nn.Module, attention: str = "auto") -> str:
+    """Set the skeleton's attention for `vmap`; returns the one set. ``auto``: fused where
+    the stack runs on a GPU, eager on a CPU; ``fused``: fused on every device; ``eager``:
+    eager. Fused (`blurbtune.stack_attention`): PyTorch's scaled_dot_product_attention on
+    every member at once, dropout drawn per member. Eager: transformers' eager attention under
+    `vmap`, ``[K, B, H, L, L]`` tensors, its dropout through `F.dropout` (drawn per member);
+    also where the family's attention is not transformers' attention interface
+    (`families.Family.fused_attention`), which one log line names."""
+    from blurbtune.families import FAMILIES
+
+    family = FAMILIES.get(model.config.model_type)
+    if attention != "eager" and family is not None and family.fused_attention:
+        from blurbtune import stack_attention
+
+        stack_attention.use(model, everywhere=attention == "fused")
+        return attention
+    if attention != "eager":
+        why = family.attention_note if family is not None else "not in blurbtune.families"
+        log.info("stacked attention: model family %r runs eager attention under vmap (%s)",
+                 model.config.model_type, why)
     model.set_attn_implementation("eager")
+    return "eager"
