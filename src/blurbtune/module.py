@@ -134,6 +134,7 @@ class FineTuner(pl.LightningModule):
         self.outputs: dict[str, list[dict | None]] = {}
         self._parts: dict[str, list] = {}
         self._top_group: int | None = None  # optimizer group of the top encoder layer
+        self._epoch_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # a stack's sums
 
     # A single run's record, as attributes (a stack's are in self.members).
     @property
@@ -189,17 +190,36 @@ class FineTuner(pl.LightningModule):
                                     f"(at epoch {self.current_epoch}, step {self.global_step})")
         alive = self.alive()
         rows = batch["input_ids"].shape[1]
+        kept = torch.zeros_like(finite)
+        kept[alive] = True
+        self._log_member_losses(losses.detach().float(), kept, alive, rows)
         for k in alive:
-            self.log(f"m{k}/train/loss", losses[k], on_step=True, on_epoch=True,
-                     batch_size=rows, prog_bar=False)
             member = self.members[k]
             member.loss_sum = member.loss_sum + losses[k].detach()
             member.loss_n += 1
-        kept = torch.zeros_like(finite)
-        kept[alive] = True
         self.log("train/loss", losses[alive].mean(), prog_bar=True, on_step=True,
                  on_epoch=False, logger=False, batch_size=rows)
         return torch.where(kept, losses, torch.zeros_like(losses)).sum()
+
+    def _log_member_losses(self, losses: torch.Tensor, kept: torch.Tensor, alive: list[int],
+                           rows: int) -> None:
+        """Each member's `train/loss` as a single run's `self.log(on_step, on_epoch)` writes it
+        (`_step` on the steps Lightning writes; `_epoch`, the row-weighted mean, at the epoch's
+        end), with `self.log` called on those steps only: each call costs ~1 ms of Python."""
+        sums, seen = self._epoch_losses or (torch.zeros_like(losses),
+                                            torch.zeros_like(kept, dtype=torch.long))
+        self._epoch_losses = (sums + torch.where(kept, losses, 0.0) * rows, seen + kept * rows)
+        if self.trainer._logger_connector.should_update_logs:
+            for k in alive:
+                self.log(f"m{k}/train/loss_step", losses[k], on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_losses is None:
+            return
+        sums, seen = self._epoch_losses
+        self._epoch_losses = None
+        for k in seen.nonzero().flatten().tolist():
+            self.log(f"m{k}/train/loss_epoch", sums[k] / seen[k], on_step=False, on_epoch=True)
 
     def _diverge(self, k: int, loss: float) -> None:
         """Member k's loss is not finite: it stops updating and its record ends here."""

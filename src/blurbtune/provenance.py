@@ -109,8 +109,9 @@ def _process_state() -> dict[str, Any]:
 
 def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
             splits: dict[str, Any], seeds: dict, determinism: dict,
-            threads: dict | None = None) -> dict[str, Any]:
-    """The provenance record of a run (a plain, JSON-ready dict)."""
+            threads: dict | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """The provenance record of a run (a plain, JSON-ready dict). `fingerprint`: the
+    tokenizer's, where the caller has it (a stack's members share one tokenizer)."""
     from blurbtune.models import tokenizer_fingerprint
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -126,7 +127,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
                   "cudnn": cudnn, "devices": devices()},
         "model": model_source(model_cfg, model),
         "tokenizer": {"source": str(model_cfg.get("tokenizer") or model_cfg.name_or_path),
-                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+                      "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
         "data": {name: {"path": str(Path(split.path).resolve()), "sha256": split.sha256}
                  for name, split in splits.items()},
         "seeds": seeds,

@@ -432,7 +432,7 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
         provenance.write(p.out, provenance.collect(
             overrides=identity["overrides"], model_cfg=p.cfg.model, model=built[k],
             tokenizer=tokenizer, splits=dm.splits, seeds=p.seeds, determinism=flags,
-            threads=identity["threads"]))
+            threads=identity["threads"], fingerprint=dm.tokenizer_fingerprint))
         write_json(p.out / "results.json", {"status": "running", **identity})
     seed_all(group[0].seeds["seed"])
     stack = None

@@ -1,0 +1,179 @@
+"""A stack's fixed costs: the time from the command to its first training step, and what an
+epoch costs beside its steps (evaluation set-up, logging, progress, metrics, files).
+
+Each way runs `train.py` in a fresh process (as a user types it) with a clock callback added
+(`+trainer.callbacks`), which writes a timestamp at each Lightning hook. From them:
+
+- `first step s`: from the command to the first training step's start;
+- `build s`: from the command to the Trainer's `fit` starting (imports, data, models, loggers);
+- `epoch s`: the mean wall time of an epoch after the first (its steps, dev, and what the
+  run does at its end);
+- `steps s` / `dev s`: the part of it inside training steps / dev batches (model compute);
+- `fixed s`: the rest, an epoch's fixed cost (plus test-every-epoch's forward passes).
+
+`--base SRC` times another checkout's `src` beside this one, alternating, and prints the
+ratios (new / base), so that both are measured under the same machine load:
+
+    python benchmarks/bench_start.py --base /tmp/lean-base/src --repeats 3   # older code too
+    python benchmarks/bench_start.py --model minilm --size 3 --data-dir ../shared/blurb
+    python benchmarks/bench_start.py --sweep --jobs 2   # hydra/sweeper=stacked, parallel
+
+`--dry` runs one tiny stack of 2 for 2 epochs on the test fixtures (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "blurb"
+CLOCK_ENV = "BENCH_START_CLOCK"  # folder the clock callbacks write into
+
+
+class Clock(pl.Callback):
+    """Timestamps (time.time()) of the hooks that bound steps, epochs and evaluations; one
+    JSON file per process in $BENCH_START_CLOCK."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, list[float]] = {"made": [time.time()]}
+
+    def _mark(self, name: str) -> None:
+        self.t.setdefault(name, []).append(time.time())
+
+    def on_fit_start(self, *_: object) -> None:
+        self._mark("fit_start")
+
+    def on_train_epoch_start(self, *_: object) -> None:
+        self._mark("epoch_start")
+
+    def on_train_batch_start(self, *_: object) -> None:
+        self._mark("step_start")
+
+    def on_train_batch_end(self, *_: object) -> None:
+        self._mark("step_end")
+
+    def on_validation_batch_start(self, *_: object) -> None:
+        self._mark("dev_start")
+
+    def on_validation_batch_end(self, *_: object) -> None:
+        self._mark("dev_end")
+
+    def on_fit_end(self, *_: object) -> None:
+        self._mark("fit_end")
+        folder = Path(os.environ[CLOCK_ENV])
+        (folder / f"{os.getpid()}-{time.time_ns()}.json").write_text(json.dumps(self.t))
+
+
+def summarise(t: dict[str, list[float]], launched: float) -> dict:
+    """Figures of one process's clock (see the module docstring)."""
+    starts = t["epoch_start"] + t["fit_end"]
+    epochs = []
+    for e in range(1, len(starts) - 1):  # the first epoch warms up: left out
+        lo, hi = starts[e], starts[e + 1]
+        inside = [(a, b) for a, b in zip(t["step_start"], t["step_end"], strict=True)
+                  if lo <= a < hi]
+        dev = [(a, b) for a, b in zip(t.get("dev_start", []), t.get("dev_end", []),
+                                      strict=True) if lo <= a < hi]
+        steps = sum(b - a for a, b in inside)
+        dev_s = sum(b - a for a, b in dev)
+        epochs.append({"epoch_s": hi - lo, "steps_s": steps, "dev_s": dev_s,
+                       "fixed_s": hi - lo - steps - dev_s})
+    mean = {k: statistics.mean(e[k] for e in epochs) if epochs else float("nan")
+            for k in ("epoch_s", "steps_s", "dev_s", "fixed_s")}
+    return {"first_step_s": t["step_start"][0] - launched,
+            "build_s": t["fit_start"][0] - launched, **mean}
+
+
+def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
+    """One command in a fresh process; its figures (a sweep's: each job's, and the worst)."""
+    clock = Path(tempfile.mkdtemp(dir=work))
+    out = Path(tempfile.mkdtemp(dir=work))
+    seeds = ",".join(str(s) for s in range(args.size))
+    argv = [sys.executable, str(ROOT / "train.py"), f"model={args.model}", f"task={args.task}",
+            f"data_dir={args.data_dir}", f"trainer.max_epochs={args.epochs}",
+            "trainer=cpu", "test_every_epoch=true", "checkpoint_every=0",
+            "data.group_by_length=false", f"data.cache_dir={work / 'cache'}",
+            "+trainer.callbacks=[{_target_:bench_start.Clock}]"]
+    if args.sweep:
+        argv += ["-m", f"seed=range({args.size})", f"stabilizer={args.stabilizers}",
+                 "hydra/sweeper=stacked", f"hydra.sweeper.size={args.size}",
+                 "hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.jobs}",
+                 f"hydra.sweep.dir={out}"]
+    else:
+        argv += [f"stack=[{seeds}]", f"hydra.run.dir={out}/run"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT / "benchmarks")]),
+           CLOCK_ENV: str(clock), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    launched = time.time()
+    done = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True)
+    wall = time.time() - launched
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)}: exit {done.returncode}\n{done.stderr[-3000:]}")
+    jobs = [summarise(json.loads(f.read_text()), launched) for f in sorted(clock.glob("*.json"))]
+    if not jobs:
+        raise SystemExit(f"no clock was written:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    worst = {k: max(j[k] for j in jobs) for k in jobs[0]}
+    return {"wall_s": wall, **worst, "jobs": jobs}
+
+
+FIGURES = ("wall_s", "first_step_s", "build_s", "epoch_s", "steps_s", "dev_s", "fixed_s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--task", default="biosses")
+    p.add_argument("--data-dir", default=None, help="BLURB data (default: the test fixtures)")
+    p.add_argument("--size", type=int, default=10, help="members in a stack (seeds 0..size-1)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--sweep", action="store_true",
+                   help="a stacked sweep over --stabilizers with the parallel launcher")
+    p.add_argument("--stabilizers", default="none,freeze_lower")
+    p.add_argument("--jobs", type=int, default=2, help="parallel launcher's n_jobs (--sweep)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each way (the best is kept)")
+    p.add_argument("--base", type=Path, default=None, help="another checkout's src to time too")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--dry", action="store_true", help="a tiny stack of 2, 2 epochs, fixtures")
+    args = p.parse_args(argv)
+    if args.dry:
+        args.model, args.task, args.size, args.epochs, args.repeats = "tiny", "biosses", 2, 2, 1
+        args.data_dir, args.base = None, None
+    args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else str(FIXTURES)
+    ways = {"new": ROOT / "src"}
+    if args.base:
+        ways = {"base": args.base.resolve(), **ways}
+    rows: dict[str, list[dict]] = {w: [] for w in ways}
+    with tempfile.TemporaryDirectory(prefix="bench_start-") as tmp:
+        for _ in range(args.repeats):
+            for way, src in ways.items():  # alternating: both see the same machine load
+                rows[way].append(run_once(src, args, Path(tmp)))
+    best = {w: {k: min(r[k] for r in rs) for k in FIGURES} for w, rs in rows.items()}
+    what = (f"sweep of {args.stabilizers} x {args.size} seeds, {args.jobs} jobs" if args.sweep
+            else f"a stack of {args.size}")
+    print(f"{what}, model={args.model} task={args.task}, {args.epochs} epochs, best of "
+          f"{args.repeats}, 1 torch thread a process; seconds")
+    print(f"{'way':<6}" + "".join(f"{k.removesuffix('_s'):>12}" for k in FIGURES))
+    for way, fig in best.items():
+        print(f"{way:<6}" + "".join(f"{fig[k]:>12.3f}" for k in FIGURES))
+    if "base" in best:
+        print(f"{'ratio':<6}" + "".join(f"{best['new'][k] / best['base'][k]:>12.2f}"
+                                        for k in FIGURES))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "best": best, "runs": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
