@@ -9,7 +9,10 @@ Each way runs `train.py` in a fresh process (as a user types it) with a clock ca
 - `epoch s`: the mean wall time of an epoch after the first (its steps, dev, and what the
   run does at its end);
 - `steps s` / `dev s`: the part of it inside training steps / dev batches (model compute);
-- `fixed s`: the rest, an epoch's fixed cost (plus test-every-epoch's forward passes).
+- `fixed s`: the rest, an epoch's fixed cost (plus test-every-epoch's forward passes);
+- `cpu` columns: the same spans in the process's CPU time (`time.process_time`, which
+  waiting for a core does not count: steadier than wall time beside other jobs; a sweep's
+  figures are its slowest job's, the parent process not counted).
 
 `--base SRC` times another checkout's `src` beside this one, alternating, and prints the
 ratios (new / base), so that both are measured under the same machine load:
@@ -41,14 +44,15 @@ CLOCK_ENV = "BENCH_START_CLOCK"  # folder the clock callbacks write into
 
 
 class Clock(pl.Callback):
-    """Timestamps (time.time()) of the hooks that bound steps, epochs and evaluations; one
-    JSON file per process in $BENCH_START_CLOCK."""
+    """(wall, CPU) times of the hooks that bound steps, epochs and evaluations; one JSON file
+    per process in $BENCH_START_CLOCK."""
 
     def __init__(self) -> None:
-        self.t: dict[str, list[float]] = {"made": [time.time()]}
+        self.t: dict[str, list[tuple[float, float]]] = {}
+        self._mark("made")
 
     def _mark(self, name: str) -> None:
-        self.t.setdefault(name, []).append(time.time())
+        self.t.setdefault(name, []).append((time.time(), time.process_time()))
 
     def on_fit_start(self, *_: object) -> None:
         self._mark("fit_start")
@@ -74,24 +78,28 @@ class Clock(pl.Callback):
         (folder / f"{os.getpid()}-{time.time_ns()}.json").write_text(json.dumps(self.t))
 
 
-def summarise(t: dict[str, list[float]], launched: float) -> dict:
+def summarise(marks: dict[str, list[list[float]]], launched: float) -> dict:
     """Figures of one process's clock (see the module docstring)."""
-    starts = t["epoch_start"] + t["fit_end"]
-    epochs = []
-    for e in range(1, len(starts) - 1):  # the first epoch warms up: left out
-        lo, hi = starts[e], starts[e + 1]
-        inside = [(a, b) for a, b in zip(t["step_start"], t["step_end"], strict=True)
-                  if lo <= a < hi]
-        dev = [(a, b) for a, b in zip(t.get("dev_start", []), t.get("dev_end", []),
-                                      strict=True) if lo <= a < hi]
-        steps = sum(b - a for a, b in inside)
-        dev_s = sum(b - a for a, b in dev)
-        epochs.append({"epoch_s": hi - lo, "steps_s": steps, "dev_s": dev_s,
-                       "fixed_s": hi - lo - steps - dev_s})
-    mean = {k: statistics.mean(e[k] for e in epochs) if epochs else float("nan")
-            for k in ("epoch_s", "steps_s", "dev_s", "fixed_s")}
-    return {"first_step_s": t["step_start"][0] - launched,
-            "build_s": t["fit_start"][0] - launched, **mean}
+    out = {}
+    for i, unit in ((0, ""), (1, "cpu_")):
+        t = {name: [m[i] for m in ms] for name, ms in marks.items()}
+        starts = t["epoch_start"] + t["fit_end"]
+        epochs = []
+        for e in range(1, len(starts) - 1):  # the first epoch warms up: left out
+            lo, hi = starts[e], starts[e + 1]
+            steps = sum(b - a for a, b in zip(t["step_start"], t["step_end"], strict=True)
+                        if lo <= a < hi)
+            dev = sum(b - a for a, b in zip(t.get("dev_start", []), t.get("dev_end", []),
+                                            strict=True) if lo <= a < hi)
+            epochs.append({"epoch": hi - lo, "steps": steps, "dev": dev,
+                           "fixed": hi - lo - steps - dev})
+        zero = launched if i == 0 else 0.0  # CPU time counts from the process's start
+        out[f"{unit}first_step_s"] = t["step_start"][0] - zero
+        out[f"{unit}build_s"] = t["fit_start"][0] - zero
+        for k in ("epoch", "steps", "dev", "fixed"):
+            out[f"{unit}{k}_s"] = (statistics.mean(e[k] for e in epochs) if epochs
+                                   else float("nan"))
+    return out
 
 
 def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
@@ -126,7 +134,8 @@ def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
     return {"wall_s": wall, **worst, "jobs": jobs}
 
 
-FIGURES = ("wall_s", "first_step_s", "build_s", "epoch_s", "steps_s", "dev_s", "fixed_s")
+FIGURES = ("wall_s", "first_step_s", "build_s", "epoch_s", "steps_s", "dev_s", "fixed_s",
+           "cpu_first_step_s", "cpu_build_s", "cpu_epoch_s", "cpu_steps_s", "cpu_fixed_s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             else f"a stack of {args.size}")
     print(f"{what}, model={args.model} task={args.task}, {args.epochs} epochs, best of "
           f"{args.repeats}, 1 torch thread a process; seconds")
-    print(f"{'way':<6}" + "".join(f"{k.removesuffix('_s'):>12}" for k in FIGURES))
-    for way, fig in best.items():
-        print(f"{way:<6}" + "".join(f"{fig[k]:>12.3f}" for k in FIGURES))
-    if "base" in best:
-        print(f"{'ratio':<6}" + "".join(f"{best['new'][k] / best['base'][k]:>12.2f}"
-                                        for k in FIGURES))
+    for part in (FIGURES[:7], FIGURES[7:]):
+        print(f"{'way':<6}" + "".join(f"{k.removesuffix('_s'):>15}" for k in part))
+        for way, fig in best.items():
+            print(f"{way:<6}" + "".join(f"{fig[k]:>15.3f}" for k in part))
+        if "base" in best:
+            print(f"{'ratio':<6}" + "".join(f"{best['new'][k] / best['base'][k]:>15.2f}"
+                                            for k in part))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
