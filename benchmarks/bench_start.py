@@ -21,6 +21,11 @@ ratios (new / base), so that both are measured under the same machine load:
     python benchmarks/bench_start.py --model minilm --size 3 --data-dir ../shared/blurb
     python benchmarks/bench_start.py --sweep --jobs 2   # hydra/sweeper=stacked, parallel
 
+`--costs` times, in this process, the pieces a stack paid once a member or once a step
+(`--model`'s tokenizer and weights; CPU seconds, the best of `--repeats`):
+
+    python benchmarks/bench_start.py --costs --model minilm --repeats 5
+
 `--dry` runs one tiny stack of 2 for 2 epochs on the test fixtures (the test suite runs it).
 """
 
@@ -134,6 +139,45 @@ def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
     return {"wall_s": wall, **worst, "jobs": jobs}
 
 
+def piece_costs(model: str, repeats: int) -> dict[str, float]:
+    """CPU seconds of one tokenizer fingerprint, one model load (a member's, before its
+    stabilizer), one Lightning `self.log` call and one member's hyperparameters logged to
+    its CSV logger: the best of `repeats`."""
+    import torch
+    from pytorch_lightning.trainer.connectors.logger_connector.result import _ResultCollection
+
+    from blurbtune import loggers
+    from blurbtune.config import compose
+    from blurbtune.models import load_model, load_tokenizer, tokenizer_fingerprint
+
+    cfg = compose([f"model={model}", "task=biosses"])
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    results, value = _ResultCollection(training=True), torch.tensor(1.0)
+    folder = Path(tempfile.mkdtemp(prefix="bench_start-costs-"))
+
+    def log_call() -> None:
+        results.log("training_step", "m0/train/loss", value, on_step=True, on_epoch=True,
+                    batch_size=16)
+
+    def hyperparameters() -> None:
+        loggers.log_start(loggers.build(cfg, folder), cfg, {"seeds": {"seed": 0}})
+
+    pieces = {"tokenizer fingerprint": lambda: tokenizer_fingerprint(tokenizer),
+              "model load (one member)": lambda: load_model(cfg.model, cfg.task, tokenizer),
+              "self.log (one call)": log_call,
+              "CSV hyperparameters (one member)": hyperparameters}
+    costs = {}
+    for name, piece in pieces.items():
+        piece()  # warm: lazy imports, caches of the library
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            piece()
+            times.append(time.process_time() - t0)
+        costs[name] = min(times)
+    return costs
+
+
 FIGURES = ("wall_s", "first_step_s", "build_s", "epoch_s", "steps_s", "dev_s", "fixed_s",
            "cpu_first_step_s", "cpu_build_s", "cpu_epoch_s", "cpu_steps_s", "cpu_fixed_s")
 
@@ -153,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", type=Path, default=None, help="another checkout's src to time too")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--dry", action="store_true", help="a tiny stack of 2, 2 epochs, fixtures")
+    p.add_argument("--costs", action="store_true", help="time the pieces paid once a member")
     args = p.parse_args(argv)
+    if args.costs:
+        costs = piece_costs(args.model, args.repeats)
+        print(f"model={args.model}: CPU seconds, best of {args.repeats}")
+        for name, cost in costs.items():
+            print(f"{name:<36}{cost:>10.4f}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model": args.model, "costs": costs}, indent=2))
+        return 0
     if args.dry:
         args.model, args.task, args.size, args.epochs, args.repeats = "tiny", "biosses", 2, 2, 1
         args.data_dir, args.base = None, None

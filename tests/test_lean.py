@@ -5,6 +5,7 @@ benchmarks/bench_start.py; these tests hold the counts that make them, never a w
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def test_a_stack_fingerprints_its_tokenizer_once(tmp_path, monkeypatch) -> None:
     assert len(calls) == 1  # was 1 + one a member (~1 s each for MiniLM's 30k-word vocabulary)
     cfg = tiny_config(out, tmp_path / "cache")
     expected = fingerprint(models.load_tokenizer(cfg.model, cfg.task))
-    import json
-
     for seed in SEEDS:
         record = json.loads((out / f"seed={seed}" / "provenance.json").read_text())
         assert record["tokenizer"]["fingerprint"] == expected
@@ -94,3 +93,28 @@ def test_the_start_benchmark_runs_dry(tmp_path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "first_step" in done.stdout and (tmp_path / "start.json").is_file()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_start.py"),
+                           "--costs", "--model", "tiny", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokenizer fingerprint" in done.stdout
+
+
+def test_the_package_list_reads_each_distributions_metadata_once(monkeypatch) -> None:
+    import importlib.metadata as md
+
+    from blurbtune import provenance
+
+    reads: list[str] = []
+    read_text = md.PathDistribution.read_text
+
+    def counted(self, filename):
+        if filename in ("METADATA", "PKG-INFO"):
+            reads.append(str(self._path))
+        return read_text(self, filename)
+
+    monkeypatch.setattr(md.PathDistribution, "read_text", counted)
+    found = provenance.packages()
+    assert len(reads) == len(set(reads))  # it read each one twice (Name, then version)
+    expected = {d.metadata["Name"]: d.version for d in md.distributions() if d.metadata["Name"]}
+    assert found == dict(sorted(expected.items(), key=lambda kv: kv[0].lower()))

@@ -49,9 +49,9 @@ def packages() -> dict[str, str]:
     """Every installed distribution and its version, sorted by name."""
     found = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found[name] = dist.version
+        meta = dist.metadata  # parsed at each access: `dist.version` would parse it again
+        if meta["Name"]:
+            found[meta["Name"]] = meta["Version"]
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
 
 
