@@ -118,7 +118,8 @@ def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
             "data.group_by_length=false", f"data.cache_dir={work / 'cache'}",
             "+trainer.callbacks=[{_target_:bench_start.Clock}]"]
     if args.sweep:
-        argv += ["-m", f"seed=range({args.size})", f"stabilizer={args.stabilizers}",
+        argv.insert(2, "-m")
+        argv += [f"seed=range({args.size})", f"stabilizer={args.stabilizers}",
                  "hydra/sweeper=stacked", f"hydra.sweeper.size={args.size}",
                  "hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.jobs}",
                  f"hydra.sweep.dir={out}"]
