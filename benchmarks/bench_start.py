@@ -142,12 +142,12 @@ def run_once(src: Path, args: argparse.Namespace, work: Path) -> dict:
 
 def piece_costs(model: str, repeats: int) -> dict[str, float]:
     """CPU seconds of one tokenizer fingerprint, one model load (a member's, before its
-    stabilizer), one Lightning `self.log` call and one member's hyperparameters logged to
-    its CSV logger: the best of `repeats`."""
+    stabilizer), one Lightning `self.log` call, one member's hyperparameters logged to its
+    CSV logger and the installed packages listed for provenance: the best of `repeats`."""
     import torch
     from pytorch_lightning.trainer.connectors.logger_connector.result import _ResultCollection
 
-    from blurbtune import loggers
+    from blurbtune import loggers, provenance
     from blurbtune.config import compose
     from blurbtune.models import load_model, load_tokenizer, tokenizer_fingerprint
 
@@ -166,7 +166,8 @@ def piece_costs(model: str, repeats: int) -> dict[str, float]:
     pieces = {"tokenizer fingerprint": lambda: tokenizer_fingerprint(tokenizer),
               "model load (one member)": lambda: load_model(cfg.model, cfg.task, tokenizer),
               "self.log (one call)": log_call,
-              "CSV hyperparameters (one member)": hyperparameters}
+              "CSV hyperparameters (one member)": hyperparameters,
+              "installed packages (once a process)": provenance.packages}
     costs = {}
     for name, piece in pieces.items():
         piece()  # warm: lazy imports, caches of the library
