@@ -501,7 +501,6 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
     done["test"] = {k: {"best": test_best[k]["score"], "last": test_last[k]["score"]}
                     for k in alive}
 
-    kind = dm.kind
     gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
     floor = {s: baseline(task, gold["train"], gold[s]) for s in ("dev", "test")}
     scores = []
@@ -510,10 +509,10 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
         if member.diverged is not None:
             continue  # recorded below, as a single run that diverged is
         dev_best = member.best_dev
-        collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
-                     "test": kind.collapsed(test_best[k]["preds"], task)}
+        collapsed = {"dev": dm.kind.collapsed(dev_best["preds"], task),
+                     "test": dm.kind.collapsed(test_best[k]["preds"], task)}
         done["stage"] = "writing predictions"
-        _write_predictions(p.out / "predictions", kind, task, dm, dev_best["preds"],
+        _write_predictions(p.out / "predictions", dm.kind, task, dm, dev_best["preds"],
                            test_best[k]["preds"], test_last[k]["preds"])
         if p.cfg.get("save_model"):
             done["stage"] = "saving the model"
