@@ -296,6 +296,7 @@ class BlurbDataModule(pl.LightningDataModule):
         self.encoded: dict[str, datasets.Dataset] = {}
         self.timing: dict[str, float] = {}
         self.from_cache: dict[str, bool] = {}
+        self.tokenizer_fingerprint: str | None = None  # of the tokenizer the splits came from
         self.lengths: dict[str, list[int]] = {}  # token count of each row, per split
         self.train_sampler: EpochPermutation | None = None
         self._resume_skip = 0
@@ -319,10 +320,10 @@ class BlurbDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.cache_dir={str(self.cache_dir)!r}: cannot be a folder "
                                   f"({e.strerror or e}); expected a folder for the tokenised "
                                   "splits, or null for none") from None
-        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         for name, split in self.splits.items():
             self.encoded[name], self.from_cache[name] = encode_split(
-                split, self.tokenizer, self.task, self.cache_dir, fingerprint)
+                split, self.tokenizer, self.task, self.cache_dir, self.tokenizer_fingerprint)
         self.timing["tokenise_s"] = time.perf_counter() - t0
         self.lengths = {name: _lengths(ds.with_format(None)) for name, ds in self.encoded.items()}
         self.group_by_length = resolve_group_by_length(

@@ -55,6 +55,15 @@ def grad_norms(parts: dict[str, Sequence[nn.Parameter]]) -> torch.Tensor:
     return torch.cat([per_part, squares.sum().sqrt().reshape(1)])
 
 
+def member_part_norms(parts: dict[str, Sequence[nn.Parameter]], members: int) -> torch.Tensor:
+    """`grad_norms` for each member of a stack: ``[len(parts) + 1, members]``."""
+    from blurbtune.stacking import member_grad_norms
+
+    squares = torch.stack([member_grad_norms(params, members).square().sum(0)
+                           for params in parts.values()])
+    return torch.cat([squares.sqrt(), squares.sum(0, keepdim=True).sqrt()])
+
+
 class GradientStats:
     """Running sums of per-part gradient norms over the early steps and the whole run, and how
     often clipping acted (total norm above `clip_threshold`).

@@ -14,7 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from blurbtune import stacking
 from blurbtune.console import epoch_label
-from blurbtune.diagnostics import GradientStats, grad_norms, part_params
+from blurbtune.diagnostics import GradientStats, grad_norms, member_part_norms, part_params
 from blurbtune.errors import DivergedError
 from blurbtune.metrics import METRICS, constant_baseline
 from blurbtune.tasks import Rows, task_type
@@ -107,6 +107,29 @@ class Member:
         self.loss_sum, self.loss_n = state.get("loss_since_eval", (0.0, 0))
 
 
+class EpochMeans:
+    """Each member's row-weighted mean of a value over an epoch, as `self.log(on_epoch=True)`
+    reduces a single run's, without a `self.log` call for each member at each step."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+    def add(self, values: torch.Tensor, kept: torch.Tensor, rows: int) -> None:
+        """One step's values (float32, one a member) over `rows` rows; `kept`: members counted."""
+        sums = torch.where(kept, values, 0.0) * rows
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.rows = kept * rows if self.rows is None else self.rows + kept * rows
+
+    def pop(self) -> dict[int, torch.Tensor]:
+        """{member: its mean} for the members counted this epoch; then starts again."""
+        if self.sums is None:
+            return {}
+        means = {k: self.sums[k] / self.rows[k] for k in self.rows.nonzero().flatten().tolist()}
+        self.sums = self.rows = None
+        return means
+
+
 class FineTuner(pl.LightningModule):
     """Fine-tunes `model`; evaluation gathers row outputs and scores whole splits.
 
@@ -135,6 +158,7 @@ class FineTuner(pl.LightningModule):
         self.outputs: dict[str, list[dict | None]] = {}
         self._parts: dict[str, list] = {}
         self._top_group: int | None = None  # optimizer group of the top encoder layer
+        self._epoch_losses = EpochMeans()  # a stack's members' training losses this epoch
 
     # A single run's record, as attributes (a stack's are in self.members).
     @property
@@ -189,14 +213,16 @@ class FineTuner(pl.LightningModule):
                                     f"(at {self._when()})")
         alive = self.alive()
         rows = batch["input_ids"].shape[1]
+        kept = torch.zeros_like(finite)
+        kept[alive] = True
+        self._epoch_losses.add(losses.detach().float(), kept, rows)
+        if self.trainer._logger_connector.should_update_logs:  # a self.log is ~1 ms of Python
+            for k in alive:
+                self.log(f"m{k}/train/loss_step", losses[k], on_step=True, on_epoch=False)
         for k in alive:
-            self.log(f"m{k}/train/loss", losses[k], on_step=True, on_epoch=True,
-                     batch_size=rows, prog_bar=False)
             member = self.members[k]
             member.loss_sum = member.loss_sum + losses[k].detach()
             member.loss_n += 1
-        kept = torch.zeros_like(finite)
-        kept[alive] = True
         self.log("train/loss", losses[alive].mean(), prog_bar=True, on_step=True,
                  on_epoch=False, logger=False, batch_size=rows)
         return torch.where(kept, losses, torch.zeros_like(losses)).sum()
@@ -205,6 +231,10 @@ class FineTuner(pl.LightningModule):
         """`epoch 2/3, step 5`: the epoch as the progress bar counts it (from 1)."""
         epoch = epoch_label(self.current_epoch, self.trainer.max_epochs)
         return f"{epoch}, step {self.global_step}"
+
+    def on_train_epoch_end(self) -> None:
+        for k, mean in self._epoch_losses.pop().items():
+            self.log(f"m{k}/train/loss_epoch", mean, on_step=False, on_epoch=True)
 
     def _diverge(self, k: int, loss: float) -> None:
         """Member k's loss is not finite: it stops updating and its record ends here."""
@@ -246,7 +276,7 @@ class FineTuner(pl.LightningModule):
                                for i, name in enumerate(self.members[0].grad_stats.names)},
                               on_step=True, on_epoch=False)
             return
-        per_member = self._member_part_norms()  # [parts + 1, K]
+        per_member = member_part_norms(self._parts, self.size)  # [parts + 1, K]
         for k in self.alive():
             stats = self.members[k].grad_stats
             stats.update(per_member[:, k])
@@ -254,17 +284,6 @@ class FineTuner(pl.LightningModule):
                 self.log_dict({f"m{k}/grad_norm/{name}": per_member[i, k]
                                for i, name in enumerate(stats.names)},
                               on_step=True, on_epoch=False)
-
-    def _member_part_norms(self) -> torch.Tensor:
-        """Each member's `grad_norms`: one row per part, then the total; a column per member."""
-        rows = []
-        squares_total = 0
-        for params in self._parts.values():
-            squares = stacking.member_grad_norms(params, self.size).square().sum(0)
-            rows.append(squares.sqrt())
-            squares_total = squares_total + squares
-        rows.append(torch.as_tensor(squares_total).sqrt())
-        return torch.stack(rows)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,

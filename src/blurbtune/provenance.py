@@ -85,9 +85,9 @@ def packages() -> dict[str, str]:
     """Every installed distribution and its version, sorted by name."""
     found = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found[name] = dist.version
+        meta = dist.metadata  # parsed at each access: `dist.version` would parse it again
+        if meta["Name"]:
+            found[meta["Name"]] = meta["Version"]
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
 
 
@@ -147,8 +147,9 @@ def _process_state() -> dict[str, Any]:
 
 def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
             splits: dict[str, Any], seeds: dict, determinism: dict,
-            threads: dict | None = None) -> dict[str, Any]:
-    """The provenance record of a run (a plain, JSON-ready dict)."""
+            threads: dict | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """The provenance record of a run (a plain, JSON-ready dict). `fingerprint`: the
+    tokenizer's, where the caller has it (a stack's members share one tokenizer)."""
     from blurbtune.models import tokenizer_fingerprint
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -164,7 +165,7 @@ def collect(*, overrides: list[str], model_cfg: Any, model: Any, tokenizer: Any,
                   "cudnn": cudnn, "devices": devices()},
         "model": model_source(model_cfg, model),
         "tokenizer": {"source": str(model_cfg.get("tokenizer") or model_cfg.name_or_path),
-                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+                      "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
         "data": {name: {"path": str(Path(split.path).resolve()), "sha256": split.sha256}
                  for name, split in splits.items()},
         "seeds": seeds,

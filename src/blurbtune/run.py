@@ -445,7 +445,7 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
         provenance.write(p.out, provenance.collect(
             overrides=identity["overrides"], model_cfg=p.cfg.model, model=built[k],
             tokenizer=tokenizer, splits=dm.splits, seeds=p.seeds, determinism=flags,
-            threads=identity["threads"]))
+            threads=identity["threads"], fingerprint=dm.tokenizer_fingerprint))
         write_json(p.out / "results.json", {"status": "running", **identity})
     seed_all(group[0].seeds["seed"])
     stack = None
@@ -514,7 +514,6 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
     done["test"] = {k: {"best": test_best[k]["score"], "last": test_last[k]["score"]}
                     for k in alive}
 
-    kind = dm.kind
     gold = {s: [ex["gold"] for ex in dm.examples(s)] for s in ("train", "dev", "test")}
     floor = {s: baseline(task, gold["train"], gold[s]) for s in ("dev", "test")}
     scores = []
@@ -523,10 +522,10 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
         if member.diverged is not None:
             continue  # recorded below, as a single run that diverged is
         dev_best = member.best_dev
-        collapsed = {"dev": kind.collapsed(dev_best["preds"], task),
-                     "test": kind.collapsed(test_best[k]["preds"], task)}
+        collapsed = {"dev": dm.kind.collapsed(dev_best["preds"], task),
+                     "test": dm.kind.collapsed(test_best[k]["preds"], task)}
         done["stage"] = "writing predictions"
-        _write_predictions(p.out / "predictions", kind, task, dm, dev_best["preds"],
+        _write_predictions(p.out / "predictions", dm.kind, task, dm, dev_best["preds"],
                            test_best[k]["preds"], test_last[k]["preds"])
         if p.cfg.get("save_model"):
             done["stage"] = "saving the model"
