@@ -227,7 +227,9 @@ def crosstask_markdown(columns=CROSS_TASK) -> str:
         cells = []
         for (_, _, task), found, have in zip(columns, verdicts, ran, strict=True):
             row = found.get((task, name))
-            if row is not None:
+            if row is not None and not row["mean_diff"]:
+                cells.append("no `none` to compare with")
+            elif row is not None:
                 cells.append(f"{row['verdict']}: {100 * float(row['mean_diff']):+.1f} "
                              f"({_p(float(row['ttest_p']))}), n={row['n_pairs']}")
             else:

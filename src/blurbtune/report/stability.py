@@ -183,7 +183,12 @@ def verdicts(runs: pd.DataFrame, configs: Configs, column: str = "test_best") ->
         elif config in groups and configs.table.loc[config, "stabilizer"] != REFERENCE_STABILIZER:
             rows.append({GROUP: config, "ref_config": None,
                          "verdict": not_compared(configs.reference_lr)})
-    return configs.describe(pd.DataFrame(rows, columns=VERDICT_COLUMNS))
+    table = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+    # Counts stay integers where a row that was not compared leaves them blank.
+    counts = ["n_pairs", "n_std", "n_std_ref", "failures", "finished", "failures_ref",
+              "finished_ref"]
+    table[counts] = table[counts].astype("Int64")
+    return configs.describe(table)
 
 
 def not_compared(reference_lr: float | None) -> str:
