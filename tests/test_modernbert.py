@@ -123,3 +123,62 @@ def test_a_stability_preset_composes_with_tiny_modernbert(tmp_path: Path,
                                              "stabilizer=freeze_lower", "seed=3"), tmp_path)
     assert results["status"] == "completed", results.get("error")
     assert results["stabilizer_knobs"] == {"freeze.embeddings": True, "freeze.layers": 3}
+
+
+@pytest.mark.parametrize("attention", ["eager", "fused"])
+@pytest.mark.parametrize("head", ["seq", "tok"])
+def test_a_stacked_member_keeps_the_sliding_window(attention: str, head: str) -> None:
+    """Local attention over 8 tokens (4 either side) on members of 14 and 20 tokens: a stacked
+    member's loss, logits and gradients are its single run's (fp32, no dropout; within 1e-6,
+    gradients relative to the tensor's largest when that exceeds 1), its sliding-window layers
+    seeing no farther than alone."""
+    from test_stabilizers import CONFIGS
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from blurbtune import stacking
+
+    auto = AutoModelForSequenceClassification if head == "seq" else \
+        AutoModelForTokenClassification
+
+    def make(seed: int) -> torch.nn.Module:
+        config = CONFIGS["modernbert"]()
+        config.local_attention, config.num_labels = 8, 3
+        torch.manual_seed(seed)
+        return auto.from_config(config).train()
+
+    seeds, rows, lengths = (3, 7), 2, (14, 20)
+    assert "sliding_attention" in make(0).config.layer_types
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 100, (rows, n), generator=gen) for n in lengths]
+    labels = [torch.randint(0, 3, (rows,) if head == "seq" else (rows, n), generator=gen)
+              for n in lengths]
+    singles = [make(s) for s in seeds]
+    alone = [m(input_ids=i, attention_mask=torch.ones_like(i), labels=y)
+             for m, i, y in zip(singles, ids, labels, strict=True)]
+    for out in alone:
+        out.loss.backward()
+
+    skeleton, stacked = stacking.stack_models([make(s) for s in seeds])
+    assert stacking.prepare_skeleton(skeleton, attention) == attention
+    padded = max(lengths)
+    inputs = {"input_ids": torch.zeros(2, rows, padded, dtype=torch.long),
+              "attention_mask": torch.zeros(2, rows, padded, dtype=torch.long),
+              "labels": torch.stack(labels) if head == "seq" else
+              torch.full((2, rows, padded), -100)}
+    for k, n in enumerate(lengths):
+        inputs["input_ids"][k, :, :n] = ids[k]
+        inputs["attention_mask"][k, :, :n] = 1
+        if head == "tok":
+            inputs["labels"][k, :, :n] = labels[k]
+    out = stacking.forward(skeleton, stacked, inputs, False,
+                           [torch.Generator().manual_seed(s) for s in seeds],
+                           stacking.mask_form(skeleton))
+    out.loss.sum().backward()
+    params = dict(skeleton.named_parameters())
+    for k, (single, own) in enumerate(zip(singles, alone, strict=True)):
+        logits = out.logits[k] if head == "seq" else out.logits[k, :, :lengths[k]]
+        assert torch.allclose(out.loss[k], own.loss, atol=1e-6, rtol=0)
+        assert torch.allclose(logits, own.logits, atol=1e-6, rtol=0)
+        for name, p in single.named_parameters():
+            scale = max(1.0, float(p.grad.abs().max()))  # embedding gradients reach ~10
+            assert float((params[name].grad[k] - p.grad).abs().max()) <= 1e-6 * scale, name

@@ -60,7 +60,8 @@ class Family:
     layer that ``stabilizer=lora`` adapts: the attention query and value projections (Hu et
     al. 2021), or the fused query/key/value projection where the family has one.
     ``stack_mask`` is the attention-mask form the family takes when its seeds are stacked
-    (``blurbtune.stacking``: ``additive``, the 4-D mask; ``2d``, the padding mask as it is);
+    (``blurbtune.stacking.stack_mask``: ``additive``, the 4-D mask; ``2d``, the padding mask
+    as it is; ``sliding``, the 4-D masks of full and of sliding-window attention);
     None when it cannot be stacked, ``stack_note`` saying why. ``fused_attention``: whether
     its attention goes through transformers' attention interface, so that a stack runs it with
     fused kernels (``blurbtune.stack_attention``); where not, ``attention_note`` says why.
@@ -107,7 +108,8 @@ FAMILIES: dict[str, Family] = {
     # with the top layer. The task model's head (dense + norm) is loaded from the pretrained
     # masked-LM checkpoint and feeds the classifier, as BERT's pretrained pooler does: it is
     # the pooler here (full lr, never frozen, re-initialised with stabilizer.reinit.pooler).
-    # Its attention has one fused query/key/value projection, Wqkv: LoRA adapts that.
+    # Its attention has one fused query/key/value projection, Wqkv: LoRA adapts that. Its
+    # local-attention layers see a window of keys: a stack passes their mask beside the full one.
     "modernbert": Family(
         embeddings=("embeddings",),
         layers="layers",
@@ -115,6 +117,7 @@ FAMILIES: dict[str, Family] = {
         head_pooler="head",
         init=modernbert_init,
         lora_targets=("Wqkv",),
+        stack_mask="sliding",
     ),
 }
 

@@ -17,7 +17,8 @@ What keeps a member exactly its own run:
   attention dropout drawn from its own generator (``blurbtune.stack_attention``); on a CPU,
   and for a family whose attention is its own code, eager attention (``prepare_skeleton``).
 - Attention masks: the 2-D padding mask goes through transformers code that branches on the
-  data, which ``vmap`` refuses; the equivalent additive 4-D mask passes (``attention_inputs``).
+  data, which ``vmap`` refuses; the equivalent additive 4-D mask passes (``stack_mask``), and
+  for a family with sliding-window layers (ModernBERT) the window's mask beside it.
 - Gradient norms, clipping and divergence are per member (``member_grad_norms``,
   ``clip_members_``); the optimizer is elementwise, so one AdamW over stacked tensors steps each
   member as its own AdamW would.
@@ -268,6 +269,34 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def sliding_additive_mask(mask: torch.Tensor, dtype: torch.dtype, window: int) -> torch.Tensor:
+    """The additive ``[B, 1, L, L]`` mask transformers builds for eager attention in a
+    bidirectional sliding-window layer (``create_bidirectional_sliding_window_mask``): 0 where
+    a key is no padding and at most `window` positions from the query, else the dtype's
+    minimum. No branch on the data, so it passes `vmap`."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    near = (positions[:, None] - positions[None, :]).abs() <= window
+    keep = mask[:, None, None, :].bool() & near
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.finfo(dtype).min)
+
+
+def stack_mask(mask: torch.Tensor, form: str, dtype: torch.dtype,
+               config: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask a stack passes for the 2-D padding mask `mask`, in the family's
+    `form` (`families.Family.stack_mask`): ``2d``, `mask` itself; ``additive``, the additive
+    4-D mask; ``sliding``, a mask per layer type as ModernBERT takes them (the additive mask
+    for full attention, `sliding_additive_mask` with the config's half window, transformers'
+    ``config.sliding_window``, for local attention)."""
+    if form == "2d":
+        return mask
+    full = additive_mask(mask, dtype)
+    if form == "additive":
+        return full
+    return {"full_attention": full,
+            "sliding_attention": sliding_additive_mask(mask, dtype, config.sliding_window)}
+
+
 def forward(skeleton: nn.Module, stacked: set[str], inputs: dict[str, torch.Tensor],
             shared_inputs: bool, generators: Sequence[torch.Generator] | None = None,
             mask: str = "additive") -> Any:
@@ -286,8 +315,8 @@ def forward(skeleton: nn.Module, stacked: set[str], inputs: dict[str, torch.Tens
 
     def one(p: dict, b: dict, x: dict) -> tuple:
         x = dict(x)
-        if mask == "additive" and "attention_mask" in x:
-            x["attention_mask"] = additive_mask(x["attention_mask"], dtype)
+        if "attention_mask" in x:
+            x["attention_mask"] = stack_mask(x["attention_mask"], mask, dtype, skeleton.config)
         out = functional_call(skeleton, (p, b), (), x)
         return (out.loss, out.logits) if with_loss else (out.logits,)
 
