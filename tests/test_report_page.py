@@ -192,6 +192,8 @@ def test_page_in_chromium(failing_sweep: dict, tmp_path: Path, browser) -> None:
     """The page renders offline with no console error; the verdict cells read verdict.csv's
     values; sorting the runs table by test score orders it; a configuration pane hides the other
     configurations; a screenshot is saved."""
+    from playwright.sync_api import expect  # the browser fixture skips without playwright
+
     out = tmp_path / "report"
     assert main([str(failing_sweep["root"]), "--out", str(out)]) == 0
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -218,15 +220,17 @@ def test_page_in_chromium(failing_sweep: dict, tmp_path: Path, browser) -> None:
         assert shown["Δ mean (x100)"].startswith(f"{100 * expected['mean_diff']:+.2f} (p=")
         assert f"p={expected['ttest_p']:.3f}" in shown["Δ mean (x100)"]
 
-    sort = page.locator(f"#{RUNS_TABLE} thead th", has_text="test (x100)").locator(
-        ".dt-column-order")  # the header's text is selectable; its arrows sort
-    sort.click()
+    header = page.locator(f"#{RUNS_TABLE} thead th", has_text="test (x100)")
+    sort = header.locator(".dt-column-order")  # the header's text is selectable; its arrows sort
     page.select_option(f"select[aria-controls='{RUNS_TABLE}']", "-1")  # every run on one page
+    sort.click()
+    expect(header).to_have_attribute("aria-sort", "ascending")
     scores = [float(v) for v in _column(page, "test (x100)") if v.strip()]
     runs = pd.read_csv(out / "runs.csv")
     expected = sorted(round(100 * v, 2) for v in runs["test_best"] if not math.isnan(v))
     assert scores == expected
     sort.click()
+    expect(header).to_have_attribute("aria-sort", "descending")
     assert [float(v) for v in _column(page, "test (x100)") if v.strip()] == expected[::-1]
 
     labels = set(_column(page, "configuration"))
