@@ -321,11 +321,13 @@ def test_a_stack_refuses_what_would_not_train_each_member_exactly(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2",
-                                    "deberta-v2-conv", "distilbert", "modernbert"])
+                                    "deberta-v2-conv", "distilbert", "modernbert",
+                                    "modernbert-mean"])
 @pytest.mark.parametrize("head", ["seq", "tok"])
 def test_every_family_stacks_each_member_as_its_own_model(family, head):
     """A training step with dropout on, two members padded from 5 and 7 tokens to one length:
-    each member's loss and gradients are its own model's, run alone from its seed."""
+    each member's loss and gradients are its own model's, run alone from its seed.
+    ``modernbert-mean``: its head mean-pools over the padding mask, as the hub's ModernBERTs."""
     from test_stabilizers import CONFIGS
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -333,7 +335,9 @@ def test_every_family_stacks_each_member_as_its_own_model(family, head):
         AutoModelForTokenClassification
 
     def make(seed):
-        config = CONFIGS[family]()
+        config = CONFIGS[family.removesuffix("-mean")]()
+        if family.endswith("-mean"):
+            config.classifier_pooling = "mean"
         config.num_labels = 3
         config.problem_type = "single_label_classification" if head == "seq" else None
         torch.manual_seed(seed)
