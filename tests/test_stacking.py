@@ -382,6 +382,38 @@ def test_every_family_stacks_each_member_as_its_own_model(family, head):
                 assert torch.allclose(params[name].grad[k], p.grad, atol=1e-5), name
 
 
+def test_an_encoder_given_its_mask_by_position_is_refused():
+    """A stack gives the family's mask form to the base model through its keyword
+    ``attention_mask``; a head passing the mask by position would leave the encoder the 2-D
+    mask, so the stack stops with an error naming the base model."""
+    from types import SimpleNamespace
+
+    from test_stabilizers import CONFIGS
+    from transformers import AutoModelForSequenceClassification
+
+    class Positional(torch.nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.inner = AutoModelForSequenceClassification.from_config(CONFIGS["bert"]())
+            self.config = self.inner.config
+
+        @property
+        def base_model(self) -> torch.nn.Module:
+            return self.inner.bert
+
+        def forward(self, input_ids, attention_mask):
+            pooled = self.inner.bert(input_ids, attention_mask).pooler_output
+            return SimpleNamespace(logits=self.inner.classifier(pooled))
+
+    skeleton, stacked = stacking.stack_models([Positional(3).eval(), Positional(7).eval()])
+    ids = torch.randint(3, 100, (2, 6))
+    with pytest.raises(stacking.StackError, match="BertModel was called without "
+                                                  "attention_mask by keyword"):
+        stacking.forward(skeleton, stacked, {"input_ids": ids,
+                                             "attention_mask": torch.ones_like(ids)}, True)
+
+
 def test_a_family_that_cannot_be_stacked_is_refused_naming_it_and_the_fallback(monkeypatch):
     from dataclasses import replace
 
