@@ -126,23 +126,26 @@ def test_a_stability_preset_composes_with_tiny_modernbert(tmp_path: Path,
 
 
 @pytest.mark.parametrize("attention", ["eager", "fused"])
-@pytest.mark.parametrize("head", ["seq", "tok"])
+@pytest.mark.parametrize("head", ["seq", "seq-mean", "tok"])
 def test_a_stacked_member_keeps_the_sliding_window(attention: str, head: str) -> None:
     """Local attention over 8 tokens (4 either side) on members of 14 and 20 tokens: a stacked
     member's loss, logits and gradients are its single run's (fp32, no dropout; within 1e-6,
     gradients relative to the tensor's largest when that exceeds 1), its sliding-window layers
-    seeing no farther than alone."""
+    seeing no farther than alone. ``seq-mean``: the head pools by the mean over the padding
+    mask (``classifier_pooling: mean``, as the hub's ModernBERT-base/-large configs set), so a
+    padded member's mean is over its own tokens only."""
     from test_stabilizers import CONFIGS
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from blurbtune import stacking
 
-    auto = AutoModelForSequenceClassification if head == "seq" else \
-        AutoModelForTokenClassification
+    auto = AutoModelForTokenClassification if head == "tok" else \
+        AutoModelForSequenceClassification
 
     def make(seed: int) -> torch.nn.Module:
         config = CONFIGS["modernbert"]()
         config.local_attention, config.num_labels = 8, 3
+        config.classifier_pooling = "mean" if head == "seq-mean" else "cls"
         torch.manual_seed(seed)
         return auto.from_config(config).train()
 
@@ -150,7 +153,7 @@ def test_a_stacked_member_keeps_the_sliding_window(attention: str, head: str) ->
     assert "sliding_attention" in make(0).config.layer_types
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 100, (rows, n), generator=gen) for n in lengths]
-    labels = [torch.randint(0, 3, (rows,) if head == "seq" else (rows, n), generator=gen)
+    labels = [torch.randint(0, 3, (rows, n) if head == "tok" else (rows,), generator=gen)
               for n in lengths]
     singles = [make(s) for s in seeds]
     alone = [m(input_ids=i, attention_mask=torch.ones_like(i), labels=y)
@@ -163,8 +166,8 @@ def test_a_stacked_member_keeps_the_sliding_window(attention: str, head: str) ->
     padded = max(lengths)
     inputs = {"input_ids": torch.zeros(2, rows, padded, dtype=torch.long),
               "attention_mask": torch.zeros(2, rows, padded, dtype=torch.long),
-              "labels": torch.stack(labels) if head == "seq" else
-              torch.full((2, rows, padded), -100)}
+              "labels": torch.full((2, rows, padded), -100) if head == "tok" else
+              torch.stack(labels)}
     for k, n in enumerate(lengths):
         inputs["input_ids"][k, :, :n] = ids[k]
         inputs["attention_mask"][k, :, :n] = 1
@@ -176,7 +179,7 @@ def test_a_stacked_member_keeps_the_sliding_window(attention: str, head: str) ->
     out.loss.sum().backward()
     params = dict(skeleton.named_parameters())
     for k, (single, own) in enumerate(zip(singles, alone, strict=True)):
-        logits = out.logits[k] if head == "seq" else out.logits[k, :, :lengths[k]]
+        logits = out.logits[k, :, :lengths[k]] if head == "tok" else out.logits[k]
         assert torch.allclose(out.loss[k], own.loss, atol=1e-6, rtol=0)
         assert torch.allclose(logits, own.logits, atol=1e-6, rtol=0)
         for name, p in single.named_parameters():

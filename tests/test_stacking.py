@@ -321,11 +321,13 @@ def test_a_stack_refuses_what_would_not_train_each_member_exactly(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2",
-                                    "deberta-v2-conv", "distilbert", "modernbert"])
+                                    "deberta-v2-conv", "distilbert", "modernbert",
+                                    "modernbert-mean"])
 @pytest.mark.parametrize("head", ["seq", "tok"])
 def test_every_family_stacks_each_member_as_its_own_model(family, head):
     """A training step with dropout on, two members padded from 5 and 7 tokens to one length:
-    each member's loss and gradients are its own model's, run alone from its seed."""
+    each member's loss and gradients are its own model's, run alone from its seed.
+    ``modernbert-mean``: its head mean-pools over the padding mask, as the hub's ModernBERTs."""
     from test_stabilizers import CONFIGS
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -333,7 +335,9 @@ def test_every_family_stacks_each_member_as_its_own_model(family, head):
         AutoModelForTokenClassification
 
     def make(seed):
-        config = CONFIGS[family]()
+        config = CONFIGS[family.removesuffix("-mean")]()
+        if family.endswith("-mean"):
+            config.classifier_pooling = "mean"
         config.num_labels = 3
         config.problem_type = "single_label_classification" if head == "seq" else None
         torch.manual_seed(seed)
@@ -376,6 +380,38 @@ def test_every_family_stacks_each_member_as_its_own_model(family, head):
         for name, p in single.named_parameters():
             if p.grad is not None:
                 assert torch.allclose(params[name].grad[k], p.grad, atol=1e-5), name
+
+
+def test_an_encoder_given_its_mask_by_position_is_refused():
+    """A stack gives the family's mask form to the base model through its keyword
+    ``attention_mask``; a head passing the mask by position would leave the encoder the 2-D
+    mask, so the stack stops with an error naming the base model."""
+    from types import SimpleNamespace
+
+    from test_stabilizers import CONFIGS
+    from transformers import AutoModelForSequenceClassification
+
+    class Positional(torch.nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.inner = AutoModelForSequenceClassification.from_config(CONFIGS["bert"]())
+            self.config = self.inner.config
+
+        @property
+        def base_model(self) -> torch.nn.Module:
+            return self.inner.bert
+
+        def forward(self, input_ids, attention_mask):
+            pooled = self.inner.bert(input_ids, attention_mask).pooler_output
+            return SimpleNamespace(logits=self.inner.classifier(pooled))
+
+    skeleton, stacked = stacking.stack_models([Positional(3).eval(), Positional(7).eval()])
+    ids = torch.randint(3, 100, (2, 6))
+    with pytest.raises(stacking.StackError, match="BertModel was called without "
+                                                  "attention_mask by keyword"):
+        stacking.forward(skeleton, stacked, {"input_ids": ids,
+                                             "attention_mask": torch.ones_like(ids)}, True)
 
 
 def test_a_family_that_cannot_be_stacked_is_refused_naming_it_and_the_fallback(monkeypatch):

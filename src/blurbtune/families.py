@@ -59,7 +59,8 @@ class Family:
     ``lora_targets`` are the names (last path component) of the Linear modules inside each
     layer that ``stabilizer=lora`` adapts: the attention query and value projections (Hu et
     al. 2021), or the fused query/key/value projection where the family has one.
-    ``stack_mask`` is the attention-mask form the family takes when its seeds are stacked
+    ``stack_mask`` is the attention-mask form the family's base model takes (by keyword;
+    the head keeps the 2-D mask) when its seeds are stacked
     (``blurbtune.stacking.stack_mask``: ``additive``, the 4-D mask; ``2d``, the padding mask
     as it is; ``sliding``, the 4-D masks of full and of sliding-window attention);
     None when it cannot be stacked, ``stack_note`` saying why. ``fused_attention``: whether

@@ -18,7 +18,9 @@ What keeps a member exactly its own run:
   and for a family whose attention is its own code, eager attention (``prepare_skeleton``).
 - Attention masks: the 2-D padding mask goes through transformers code that branches on the
   data, which ``vmap`` refuses; the equivalent additive 4-D mask passes (``stack_mask``), and
-  for a family with sliding-window layers (ModernBERT) the window's mask beside it.
+  for a family with sliding-window layers (ModernBERT) the window's mask beside it. Only the
+  encoder (the base model) is given that form; the head keeps the 2-D mask it sees in a single
+  run (ModernBERT's mean pooling averages over it).
 - Gradient norms, clipping and divergence are per member (``member_grad_norms``,
   ``clip_members_``); the optimizer is elementwise, so one AdamW over stacked tensors steps each
   member as its own AdamW would.
@@ -314,9 +316,6 @@ def forward(skeleton: nn.Module, stacked: set[str], inputs: dict[str, torch.Tens
     with_loss = "labels" in inputs
 
     def one(p: dict, b: dict, x: dict) -> tuple:
-        x = dict(x)
-        if "attention_mask" in x:
-            x["attention_mask"] = stack_mask(x["attention_mask"], mask, dtype, skeleton.config)
         out = functional_call(skeleton, (p, b), (), x)
         return (out.loss, out.logits) if with_loss else (out.logits,)
 
@@ -325,9 +324,36 @@ def forward(skeleton: nn.Module, stacked: set[str], inputs: dict[str, torch.Tens
     if skeleton.training and not shared_inputs and "attention_mask" in inputs:
         lengths = inputs["attention_mask"].sum(-1).amax(-1).tolist()
         padded = inputs["attention_mask"].shape[-1]
-    with member_draws(generators if skeleton.training else None, lengths, padded):
+    with member_draws(generators if skeleton.training else None, lengths, padded), \
+            _encoder_mask(skeleton, mask, dtype, "attention_mask" in inputs):
         outputs = run(params, buffers, inputs)
     return _Output(*outputs) if with_loss else _Output(None, outputs[0])
+
+
+@contextlib.contextmanager
+def _encoder_mask(skeleton: nn.Module, form: str, dtype: torch.dtype,
+                  masked: bool) -> Iterator[None]:
+    """Inside the block, the skeleton's base model (its encoder) takes the padding mask in the
+    family's stacked `form` (`stack_mask`), while the task model around it keeps the 2-D mask,
+    as its head may use it (ModernBERT's mean pooling). With `masked`, the base model must
+    receive the mask by keyword; a call that does not is an error, not a silent unmasked run."""
+    if not masked:
+        yield
+        return
+
+    def to_form(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        given = kwargs.get("attention_mask")
+        if given is None:
+            raise StackError(f"{type(module).__name__} was called without attention_mask "
+                             "by keyword; a stack cannot give it the family's mask form")
+        kwargs = {**kwargs, "attention_mask": stack_mask(given, form, dtype, skeleton.config)}
+        return args, kwargs
+
+    handle = skeleton.base_model.register_forward_pre_hook(to_form, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Output:
