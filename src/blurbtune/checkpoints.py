@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,23 +74,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def storage_bytes(obj: Any) -> tuple[int, int]:
-    """(bytes of the unique storages, bytes of the tensors) that `obj` holds: equal when no
-    tensor is a view into more than itself."""
-    storages: dict[int, int] = {}
-    total = 0
-
-    def visit(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        total += t.numel() * t.element_size()
-        return t
-
-    apply_to_collection(obj, torch.Tensor, visit)
-    return sum(storages.values()), total
 
 
 # --- one run's checkpoint from a stack's, and back -----------------------------------------
@@ -182,13 +164,15 @@ class RunCheckpointIO(CheckpointIO):
         self._digests: dict[tuple, str] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        self._lock = threading.Lock()
 
     # Lightning's interface
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
         self.wait()  # one write at a time: at most one copy of the state besides the model
+        if Path(path) != self.folders[0] / FOLDER / LAST and self.stacked is None:
+            write_atomic(checkpoint, Path(path))  # a user's own (ModelCheckpoint): as it is
+            return
         start = time.perf_counter()
         files = self.member_files(checkpoint)
         if not self.background:
@@ -210,6 +194,8 @@ class RunCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         self.wait()
+        if Path(path) != self.folders[0] / FOLDER / LAST:
+            return load(Path(path))  # a user's own checkpoint
         frozen = self.frozen()
         checkpoints = [self._read(folder, k, self._member(frozen, k))
                        for k, folder in enumerate(self.folders)]
