@@ -67,14 +67,16 @@ def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str]
     proc.send_signal(signal.SIGTERM)
     code = proc.wait()
     seconds = time.perf_counter() - signalled
-    files = [p for p in run_dir.glob("seed=*/checkpoints/*") if p.is_file()]
+    files = [p for p in work.rglob("checkpoints/*") if p.is_file()]  # members' own folders
     written = sum(p.stat().st_size for p in files)
     result = {"tree": str(tree), "exit": code, "signal_to_exit_s": round(seconds, 1),
               "checkpoint_bytes": written, "files": len(files),
               "per_member_last_ckpt_bytes": sorted({p.stat().st_size for p in files
                                                     if p.name == "last.ckpt"}),
               "trained_before_signal_s": round(trained, 1), "stopped_at": _progress(progress)}
-    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in work.iterdir():  # the members' folders (beside run/) go; the log stays
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
     return result
 
 

@@ -177,3 +177,20 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(tm
     message = str(error)
     assert message.startswith(f"{path}: refused") and "\n" not in message
     assert path.read_bytes() == before  # left where it is, for the user to look at
+
+
+def test_auto_checkpoints_each_epoch_while_writing_costs_less_than_the_epoch():
+    from blurbtune.resume import Schedule
+
+    auto = Schedule("auto", 1800)
+    assert auto.at_epoch_end(0, since_last=60, epoch_s=60, write_s=None)  # first: no write yet
+    assert auto.at_epoch_end(3, since_last=60, epoch_s=60, write_s=20)
+    assert not auto.at_epoch_end(3, since_last=60, epoch_s=60, write_s=90)  # costs more
+    assert auto.at_epoch_end(3, since_last=1800, epoch_s=60, write_s=90)  # then every 30 min
+    assert not auto.mid_epoch(1799) and auto.mid_epoch(1800)
+    timed = Schedule("seconds", 120)
+    assert not timed.at_epoch_end(0, since_last=119, epoch_s=1, write_s=0)
+    assert timed.at_epoch_end(0, since_last=120, epoch_s=1, write_s=0) and timed.mid_epoch(120)
+    epochs = Schedule("epochs", 2)
+    assert [epochs.at_epoch_end(e, 0, 0, None) for e in range(4)] == [False, True, False, True]
+    assert not epochs.mid_epoch(10**6) and not Schedule("epochs", 0).at_epoch_end(1, 9, 9, 0)
