@@ -60,16 +60,20 @@ def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str]
     proc = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     while _progress(progress) < (1, 1):  # mid-epoch 1 (BIOSSES: 4 batches an epoch)
         if proc.poll() is not None:
-            raise SystemExit(f"{tree}: the run ended before it was stopped; see {log.name}")
+            raise SystemExit(f"{tree}: the run ended (exit {proc.returncode}) before it was "
+                             f"stopped; see {log.name}")
         time.sleep(0.2)
     trained = time.perf_counter() - started
     signalled = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait()
     seconds = time.perf_counter() - signalled
+    # The batch under way when the signal came ends (the probe writes), then the stop writes.
+    after_batch = time.time() - progress.stat().st_mtime
     files = [p for p in work.rglob("checkpoints/*") if p.is_file()]  # members' own folders
     written = sum(p.stat().st_size for p in files)
     result = {"tree": str(tree), "exit": code, "signal_to_exit_s": round(seconds, 1),
+              "batch_end_to_exit_s": round(after_batch, 1),
               "checkpoint_bytes": written, "files": len(files),
               "per_member_last_ckpt_bytes": sorted({p.stat().st_size for p in files
                                                     if p.name == "last.ckpt"}),
