@@ -160,7 +160,6 @@ class RunCheckpointIO(CheckpointIO):
         self.frozen, self.device_type = frozen, device_type
         self.background = False
         self.write_seconds: float | None = None  # how long the latest write took, copy included
-        self._written_best: dict[int, int] = {}  # member -> step of the best file on disk
         self._digests: dict[tuple, str] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -241,12 +240,11 @@ class RunCheckpointIO(CheckpointIO):
                     "state_dict": {key: t for key, t in member["state_dict"].items()
                                    if key not in frozen}}
             last = apply_to_collection(last, torch.Tensor, own)
+            # The previous write has ended (`wait`): the folder says what is on disk.
             new_best = None
-            on_disk = self._written_best.get(k) == step or (
-                self.folders[k] / FOLDER / BEST.format(step=step)).is_file()
-            if best is not None and not on_disk:  # best weights are the run's own copies
+            if best is not None and not (
+                    self.folders[k] / FOLDER / own_state["best_file"]).is_file():
                 new_best = {name: t for name, t in best.items() if f"model.{name}" not in frozen}
-                self._written_best[k] = step
             yield self.folders[k], last, new_best
 
     def _member(self, frozen: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
