@@ -94,7 +94,7 @@ def test_gradients_are_freed_after_each_step_and_checkpoints_skip_the_memory_buf
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
     assert probe.grads_after_step and not any(probe.grads_after_step)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["blurbtune"]["best_state"] is not None
+    assert (out / "checkpoints" / ckpt["blurbtune"]["best_file"]).is_file()
     assert not list((out / "checkpoints").glob(".*tmp"))
 
 

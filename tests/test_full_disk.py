@@ -50,8 +50,8 @@ RUNNER = textwrap.dedent('''
 
     at = os.environ["FILL_AT"]
     if at == "checkpoint":
-        from blurbtune import resume
-        before(resume.FileCheckpointIO, "save_checkpoint")
+        from blurbtune import checkpoints
+        before(checkpoints.RunCheckpointIO, "save_checkpoint")
     elif at == "model":
         import transformers
         before(transformers.PreTrainedModel, "save_pretrained")

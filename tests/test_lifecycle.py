@@ -303,7 +303,7 @@ def test_sigterm_stops_a_parallel_sweep_and_a_rerun_finishes_it_exactly(tmp_path
 SLOW_STOP = '''
 import os, time
 if os.environ.get("SLOW_STOP"):
-    from blurbtune import module, resume, stopping
+    from blurbtune import checkpoints, module, stopping
     real_step = module.FineTuner.training_step
     def step(self, batch, batch_idx):
         if self.current_epoch == 1 and batch_idx == 1 and not os.path.exists(os.environ["READY"]):
@@ -311,13 +311,13 @@ if os.environ.get("SLOW_STOP"):
             time.sleep(5)
         return real_step(self, batch, batch_idx)
     module.FineTuner.training_step = step
-    real_save = resume.FileCheckpointIO.save_checkpoint
+    real_save = checkpoints.RunCheckpointIO.save_checkpoint
     def slow(self, *args, **kwargs):
         if stopping.requested() is not None:
             open(os.environ["SLOW_STOP"], "w").close()
             time.sleep(600)
         return real_save(self, *args, **kwargs)
-    resume.FileCheckpointIO.save_checkpoint = slow
+    checkpoints.RunCheckpointIO.save_checkpoint = slow
 '''
 
 # One job with two workers (fewer jobs than workers): a stack of two seeds, or one seed.

@@ -172,7 +172,7 @@ def test_a_truncated_results_file_is_refused_not_retrained(completed, cache):
 def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, cache, monkeypatch):
     import torch
 
-    from blurbtune import resume
+    from blurbtune import checkpoints
 
     real_save = torch.save
 
@@ -182,12 +182,12 @@ def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, cache, monkeypa
 
     out = tmp_path / "full"
     with monkeypatch.context() as m:
-        m.setattr(resume.torch, "save", full)
+        m.setattr(checkpoints.torch, "save", full)
         with pytest.raises(OSError, match="No space left"):
             run(tiny_config(out, cache, "trainer.max_epochs=2"))
     assert not list(out.rglob("*.tmp"))
     assert json.loads((out / "results.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(resume.torch, "save", real_save)
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
     run(tiny_config(out, cache, "trainer.max_epochs=2"))  # space freed: the same command
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
 

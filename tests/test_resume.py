@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,9 +141,9 @@ def test_checkpoint_every_n_epochs_and_only_when_stopped(tmp_path, cache, monkey
     saved = []
     original = resume.Resumable._save
 
-    def counting(self, trainer, mid_epoch=False):
-        saved.append((trainer.current_epoch, mid_epoch))
-        original(self, trainer, mid_epoch)
+    def counting(self, trainer, batches_done=0, background=True):
+        saved.append((trainer.current_epoch, batches_done > 0))
+        original(self, trainer, batches_done, background)
 
     monkeypatch.setattr(resume.Resumable, "_save", counting)
     run(tiny_config(tmp_path / "two", cache, "trainer.max_epochs=3", "checkpoint_every=2"))
@@ -148,3 +151,50 @@ def test_checkpoint_every_n_epochs_and_only_when_stopped(tmp_path, cache, monkey
     saved.clear()
     run(tiny_config(tmp_path / "none", cache, "trainer.max_epochs=3", "checkpoint_every=0"))
     assert saved == []
+
+
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from tiny_runs import tiny_config
+from blurbtune import resume
+from blurbtune.module import FineTuner
+from blurbtune.run import run
+
+now = [0.0]
+resume.clock = lambda: now[0]  # a minute a batch
+
+
+def on_train_batch_end(self, outputs, batch, batch_idx):
+    now[0] += 60.0
+    if self.current_epoch == 1 and batch_idx == 2:
+        self.trainer.strategy.checkpoint_io.wait()  # the timed checkpoint is on disk
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler runs: what an OOM kill does
+
+
+FineTuner.on_train_batch_end = on_train_batch_end
+run(tiny_config(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]))
+"""
+
+
+def test_a_sigkill_loses_only_the_time_since_the_timed_checkpoint(tmp_path, cache,
+                                                                   uninterrupted):
+    """checkpoint_every=2min, a batch taking a minute: checkpoints between batches 2 and 3 of
+    each epoch (in the background) and at epoch 0's end. SIGKILL after batch 3 of epoch 1; the
+    rerun resumes from batch 2 of epoch 1 and ends as the uninterrupted run."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "run"
+    overrides = (*OVERRIDES, "checkpoint_every=2min")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run([sys.executable, str(script), str(out), str(cache), *overrides],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _results(out)["status"] == "running"  # nothing recorded the kill
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["blurbtune_resume"]["batches_done"]) == (1, 2)
+
+    run(tiny_config(out, cache, *overrides))
+    assert _results(out)["resumed_from"].endswith("last.ckpt")
+    _assert_same_run(out, uninterrupted)

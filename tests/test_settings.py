@@ -72,6 +72,14 @@ def error_of(*overrides: str) -> str:
     ("+trainer.limit_test_batches=1.5", "trainer.limit_test_batches=1.5: expected a number of "
                                         "batches ≥ 1, or a fraction in (0, 1], or null (every "
                                         "batch)"),
+    # checkpoint_every: epochs, a time, or auto (issue 26)
+    ("checkpoint_every=-1", "checkpoint_every=-1: expected a number of epochs ≥ 0 (0: only "
+                            "when stopped), a time such as 30min, 2h or 90s, or auto"),
+    ("checkpoint_every='30 minutes'", "checkpoint_every='30 minutes': expected a number of "
+                                      "epochs ≥ 0 (0: only when stopped), a time such as 30min, "
+                                      "2h or 90s, or auto"),
+    ("checkpoint_every=0min", "checkpoint_every='0min': expected a number of epochs ≥ 0 (0: "
+                              "only when stopped), a time such as 30min, 2h or 90s, or auto"),
 ])
 def test_a_bad_value_is_one_line_with_the_range(override: str, message: str) -> None:
     assert error_of(override) == message
@@ -175,3 +183,13 @@ def test_a_bad_value_in_a_sweep_skips_that_run_and_the_sweep_goes_on(tmp_path: P
 def test_the_docs_list_every_setting() -> None:
     page = (REPO / "docs" / "reproducibility.md").read_text()
     assert [s.key for s in SETTINGS if f"`{s.key}`" not in page] == []
+
+
+@pytest.mark.parametrize("value, parsed", [
+    (0, ("epochs", 0)), (3, ("epochs", 3)), ("auto", ("auto", 1800)), ("30min", ("seconds", 1800)),
+    ("2h", ("seconds", 7200)), ("90s", ("seconds", 90)), ("1.5h", ("seconds", 5400))])
+def test_checkpoint_every_takes_epochs_a_time_or_auto(value, parsed) -> None:
+    from blurbtune.settings import checkpoint_interval
+
+    check_settings(compose(["model=tiny", f"checkpoint_every={value}"]))
+    assert checkpoint_interval(value) == parsed

@@ -59,16 +59,22 @@ def _all_ranks(raw: list[tuple]) -> list[tuple]:
     return sorted(unique.values(), key=lambda r: (r[0], r[3]))
 
 
-def best_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state to restore later, in host memory (never a second copy on the GPU).
+def best_weights(model: torch.nn.Module, stacked: set[str] | None = None,
+                 k: int = 0) -> dict[str, torch.Tensor]:
+    """The model's state (member k's, of a stack) to restore later, in host memory (never a
+    second copy on the GPU), each tensor its own copy (a member's slice does not keep the
+    stack's storage).
 
     Frozen parameters (`requires_grad=False`) cannot change during training, so on the CPU they
     are kept by reference rather than copied.
     """
+    state = model.state_dict(keep_vars=True)
+    if stacked is not None:
+        state = stacking.member_state(state, stacked, k)
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
-    return {k: v.detach() if id(v) in frozen and v.device.type == "cpu"
-            else v.detach().to("cpu", copy=True)
-            for k, v in model.state_dict(keep_vars=True).items()}
+    return {name: v.detach() if id(v) in frozen and v.device.type == "cpu"
+            else v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for name, v in state.items()}
 
 
 class Member:
@@ -402,7 +408,8 @@ class FineTuner(pl.LightningModule):
             if out["score"] > member.best_score:
                 member.best_score, member.best_epoch = out["score"], epoch
                 member.best_step = self.global_step
-                member.best_state = self._best_weights(k)
+                member.best_state = best_weights(
+                    self.model, self.stack.stacked if self.stack else None, k)
                 member.best_dev = out
         metric = f"dev/{self.task.metric}"
         if self.stack is None:
@@ -415,15 +422,6 @@ class FineTuner(pl.LightningModule):
         for name, value in (("min", ordered[0]), ("med", ordered[len(ordered) // 2]),
                             ("max", ordered[-1])):
             self.log(f"dev {name}", value, prog_bar=True, logger=False)
-
-    def _best_weights(self, k: int) -> dict[str, torch.Tensor]:
-        if self.stack is None:
-            return best_weights(self.model)
-        state = stacking.member_state(self.model.state_dict(keep_vars=True),
-                                      self.stack.stacked, k)
-        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
-        return {name: v.detach() if id(v) in frozen and v.device.type == "cpu"
-                else v.detach().to("cpu", copy=True) for name, v in state.items()}
 
     def _score_test_now(self) -> list[dict | None]:
         """The current weights' test scores, for the record only (never used to select): the
@@ -491,20 +489,3 @@ class FineTuner(pl.LightningModule):
             optimizer, int(round(self.warmup_ratio * total)), total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.stack is None:
-            checkpoint["blurbtune"] = {**self.members[0].state_dict(),
-                                       "trained_epoch": self.trained_epoch}
-            return
-        checkpoint["blurbtune_members"] = [
-            {**m.state_dict(), "trained_epoch": self.trained_epoch} for m in self.members]
-        checkpoint["blurbtune_generators"] = self.stack.generator_states(self.device)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("blurbtune_members") or [checkpoint.get("blurbtune", {})]
-        for member, state in zip(self.members, states, strict=True):
-            member.load_state_dict(state)
-        self.trained_epoch = states[0].get("trained_epoch", 0)
-        if self.stack is not None and checkpoint.get("blurbtune_generators"):
-            self.stack.pending_states = checkpoint["blurbtune_generators"]

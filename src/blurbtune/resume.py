@@ -1,16 +1,24 @@
-"""Checkpoints a run can resume from exactly: end of each epoch, and on SIGTERM/SIGINT.
+"""Checkpoints a run can resume from exactly: when `checkpoint_every` says, and on SIGTERM/SIGINT.
 
-A checkpoint is Lightning's (model, optimizer, scheduler, loop counters, FineTuner state)
-plus what Lightning does not keep: the RNG states and how many batches of the current epoch
-were trained. With the training order a function of (data_seed, epoch), that is all a
-resumed run needs to continue as if it had never stopped.
+A checkpoint is Lightning's (model, optimizer, scheduler, loop counters) plus what Lightning
+does not keep: each run's record so far (`module.Member`), the RNG states and how many batches
+of the current epoch were trained. With the training order a function of (data_seed, epoch),
+that is all a resumed run needs to continue as if it had never stopped. What is on disk, and
+how it is written and read, is `blurbtune.checkpoints`.
+
+`checkpoint_every` (checked in `settings`): N epochs (0: only when stopped), a time such as
+`30min` (at the first batch boundary once that much time has passed since the last
+checkpoint, so a hard kill loses at most about that), or `auto` (the default): each epoch's
+end while writing a checkpoint takes no longer than an epoch, else every 30 minutes; and
+within an epoch longer than 30 minutes, every 30 minutes. Checkpoints during training are
+written in the background (`RunCheckpointIO.background`); the one written when a run is
+stopped is waited for.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,18 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from blurbtune import stopping
-from blurbtune.io import writing
+from blurbtune.checkpoints import FOLDER, LAST, RunCheckpointIO, best_file, load, remove
+from blurbtune.errors import BlurbtuneError
 from blurbtune.reproducibility import rng_state, set_rng_state
+from blurbtune.settings import checkpoint_interval
 
 log = logging.getLogger("blurbtune")
 
-FOLDER = "checkpoints"
-LAST = "last.ckpt"
+clock = time.monotonic  # the time that `checkpoint_every`'s durations count (tests replace it)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -41,7 +47,7 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_checkpoints(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / FOLDER, ignore_errors=True)
+    remove(run_dir)
 
 
 SET_ASIDE = "set-aside"  # a run folder's damaged files, kept for the user to look at
@@ -62,13 +68,19 @@ class Position:
 
 def position(path: Path) -> Position:
     """The position a checkpoint resumes from, read without loading its tensors into memory.
-    Raises DamagedCheckpoint when the file is truncated or not a blurbtune checkpoint."""
+    Raises DamagedCheckpoint when the file is truncated, not a blurbtune checkpoint or its
+    best weights are missing; UnsafeCheckpoint (exit 2) when its pickle would run code."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = load(path, mmap=True)
         state = checkpoint["blurbtune_resume"]
+        best = best_file(path, checkpoint)
+        if best is not None and not best.is_file():
+            raise FileNotFoundError(f"its best weights {best.name} are missing")
         return Position(int(checkpoint["epoch"]), int(checkpoint["global_step"]),
                         int(state["batches_done"]))
     except Exception as e:  # noqa: BLE001 - zip, pickle and key errors alike mean damaged
+        if isinstance(e, BlurbtuneError):  # refused, not damaged: said as it is
+            raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DamagedCheckpoint(f"{path}: unreadable ({first})") from None
 
@@ -86,147 +98,79 @@ def set_aside(run_dir: Path, names: tuple[str, ...] = ("checkpoints", "results.j
     return target
 
 
-def slice_checkpoint(checkpoint: dict, stacked: set[str], k: int, device_type: str) -> dict:
-    """Member k's checkpoint from a stack's, in the form a single run of its seed writes (so
-    it resumes alone or in any stack at the same position)."""
-    out = {key: value for key, value in checkpoint.items()
-           if key not in ("blurbtune_members", "blurbtune_generators")}
-    out["state_dict"] = {key: (t[k] if key.removeprefix("model.") in stacked else t)
-                         for key, t in checkpoint["state_dict"].items()}
-    out["optimizer_states"] = [_slice_optimizer(o, k) for o in checkpoint["optimizer_states"]]
-    out["blurbtune"] = checkpoint["blurbtune_members"][k]
-    resume = dict(checkpoint["blurbtune_resume"])
-    rng = dict(resume["rng"])
-    generator = checkpoint["blurbtune_generators"][k]
-    if device_type == "cuda":
-        rng["cuda"] = [generator]
-    else:
-        rng["torch"] = generator
-    resume["rng"] = rng
-    out["blurbtune_resume"] = resume
-    return out
 
 
-def _slice_optimizer(state: dict, k: int) -> dict:
-    return {**state, "state": {i: {name: (v[k] if torch.is_tensor(v) and v.dim() else v)
-                                   for name, v in per_param.items()}
-                               for i, per_param in state["state"].items()}}
+@dataclass
+class Schedule:
+    """When to checkpoint during training, from `checkpoint_every` (see the module's
+    docstring): pure decisions on times in seconds."""
 
+    kind: str  # "epochs", "seconds" or "auto"
+    amount: float  # epochs between checkpoints, or seconds
 
-def merge_checkpoints(checkpoints: list[dict], stacked: set[str], device_type: str) -> dict:
-    """A stack's checkpoint from its members' (as `slice_checkpoint` wrote them)."""
-    first = checkpoints[0]
-    out = {key: value for key, value in first.items() if key != "blurbtune"}
-    out["state_dict"] = {
-        key: (torch.stack([c["state_dict"][key] for c in checkpoints])
-              if key.removeprefix("model.") in stacked else t)
-        for key, t in first["state_dict"].items()}
-    out["optimizer_states"] = [
-        {**state, "state": {i: {name: (torch.stack([c["optimizer_states"][j]["state"][i][name]
-                                                    for c in checkpoints])
-                                       if torch.is_tensor(v) and v.dim() else v)
-                                for name, v in per_param.items()}
-                            for i, per_param in state["state"].items()}}
-        for j, state in enumerate(first["optimizer_states"])]
-    out["blurbtune_members"] = [c["blurbtune"] for c in checkpoints]
-    rngs = [c["blurbtune_resume"]["rng"] for c in checkpoints]
-    out["blurbtune_generators"] = [r["cuda"][0] if device_type == "cuda" else r["torch"]
-                                   for r in rngs]
-    return out
+    def at_epoch_end(self, epoch: int, since_last: float, epoch_s: float,
+                     write_s: float | None) -> bool:
+        if self.kind == "epochs":
+            return bool(self.amount) and (epoch + 1) % int(self.amount) == 0
+        if self.kind == "auto" and (write_s is None or write_s <= epoch_s):
+            return True
+        return since_last >= self.amount
 
-
-class StackCheckpointIO(CheckpointIO):
-    """The checkpoint writer of a stack: Lightning saves and loads one checkpoint; on disk it is
-    each member's own `checkpoints/last.ckpt` in its run folder (`slice_checkpoint`), written
-    atomically, so a member resumes alone or in a stack, and a finished member's folder holds
-    nothing of the others."""
-
-    def __init__(self, folders: list[Path], stacked: set[str], alive: Any,
-                 device_type: str) -> None:
-        self.folders, self.stacked, self.alive = list(folders), stacked, alive
-        self.device_type = device_type
-        self.inner = FileCheckpointIO()
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
-        for k in self.alive():  # a diverged member's result is final: nothing to resume
-            member = slice_checkpoint(checkpoint, self.stacked, k, self.device_type)
-            self.inner.save_checkpoint(member, Path(self.folders[k]) / FOLDER / LAST)
-
-    def load_checkpoint(self, path: Any, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoints = [self.inner.load_checkpoint(Path(f) / FOLDER / LAST, map_location,
-                                                  weights_only=False) for f in self.folders]
-        return merge_checkpoints(checkpoints, self.stacked, self.device_type)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        for folder in self.folders:
-            remove_checkpoints(folder)
-
-    def teardown(self) -> None:
-        pass
-
-
-class FileCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing straight to a local file (atomically: a temporary
-    file, then a rename). Lightning's own serialises the whole checkpoint into memory first and
-    copies it again to write it: a transient of twice the checkpoint (weights, optimizer state,
-    best weights), which set the run's peak memory."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("storage_options is not supported when saving to a local file")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with writing(path):  # torch's zip writer says a full disk as a RuntimeError
-                torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:  # a full disk: no half-written file left to keep it full
-            tmp.unlink(missing_ok=True)
-            raise
+    def mid_epoch(self, since_last: float) -> bool:
+        return self.kind != "epochs" and since_last >= self.amount
 
 
 class Resumable(pl.Callback):
-    """Saves `checkpoints/last.ckpt` (atomically) after each epoch's dev evaluation and
-    when interrupted.
+    """Saves `checkpoints/last.ckpt` as `checkpoint_every` says (at an epoch's end after its dev
+    evaluation, or between batches) and when interrupted; keeps each run's record in it.
 
     SIGTERM (Lightning's handler) and SIGINT (ours: a first Ctrl-C stops after the current
     batch, a second one aborts at once) end training after a complete batch; the state is then
-    saved unless the run was validating, in which case the epoch-end checkpoint stands.
+    saved unless the run was validating, in which case the latest checkpoint stands.
     """
 
-    def __init__(self, run_dir: Path, datamodule: Any, every: int = 1) -> None:
+    def __init__(self, run_dir: Path, datamodule: Any, io: RunCheckpointIO,
+                 every: Any = "auto") -> None:
         self.path = Path(run_dir) / FOLDER / LAST
-        self.datamodule = datamodule
-        self.every = every  # epochs between checkpoints; 0: only when stopped
+        self.datamodule, self.io = datamodule, io
+        self.schedule = Schedule(*checkpoint_interval(every))
+        self._batches_done = 0
         self._validating = False
-        self._mid_epoch = False
+        self._last = self._epoch_start = clock()
         self._previous_sigint: Any = None
         self._sigints = 0
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
-            trainer.strategy.checkpoint_io = FileCheckpointIO()
-
-    def _save(self, trainer: pl.Trainer, mid_epoch: bool = False) -> None:
-        self._mid_epoch = mid_epoch
-        # The full state, to resume from (FileCheckpointIO: atomic, and rank 0 only under DDP).
+    def _save(self, trainer: pl.Trainer, batches_done: int = 0,
+              background: bool = True) -> None:
+        self._batches_done = batches_done
+        self.io.background = background
+        # The full state, to resume from (rank 0 only under DDP).
         trainer.save_checkpoint(self.path, weights_only=False)
+        self._last = clock()
+        if not background:
+            self.io.wait()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:
-        checkpoint["blurbtune_resume"] = {
-            "rng": rng_state(),
-            "epoch": trainer.current_epoch,
-            "batches_done": (trainer.fit_loop.epoch_loop.batch_progress.current.completed
-                             if self._mid_epoch else 0),
-        }
+        checkpoint["blurbtune_resume"] = {"rng": rng_state(), "epoch": trainer.current_epoch,
+                                          "batches_done": self._batches_done}
+        records = [{**m.state_dict(), "trained_epoch": pl_module.trained_epoch}
+                   for m in pl_module.members]
+        if pl_module.stack is None:
+            checkpoint["blurbtune"] = records[0]
+        else:
+            checkpoint["blurbtune_members"] = records
+            checkpoint["blurbtune_generators"] = pl_module.stack.generator_states(
+                pl_module.device)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:
+        states = checkpoint.get("blurbtune_members") or [checkpoint.get("blurbtune", {})]
+        for member, record in zip(pl_module.members, states, strict=True):
+            member.load_state_dict(record)
+        pl_module.trained_epoch = states[0].get("trained_epoch", 0)
+        if pl_module.stack is not None and checkpoint.get("blurbtune_generators"):
+            pl_module.stack.pending_states = checkpoint["blurbtune_generators"]
         state = checkpoint["blurbtune_resume"]
         set_rng_state(state["rng"])
         done = state["batches_done"]
@@ -242,12 +186,27 @@ class Resumable(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._validating = False
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._epoch_start = clock()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        # Between two batches: the state a SIGTERM after the previous batch would save.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if 0 < done < trainer.num_training_batches and self.schedule.mid_epoch(
+                clock() - self._last):
+            self._save(trainer, batches_done=done)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the dev evaluation, where Lightning's ModelCheckpoint saves.
-        if self.every and (trainer.current_epoch + 1) % self.every == 0:
+        now = clock()
+        if self.schedule.at_epoch_end(trainer.current_epoch, now - self._last,
+                                      now - self._epoch_start,
+                                      self.io.write_seconds):
             self._save(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = clock()
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint(trainer))
 
@@ -268,14 +227,20 @@ class Resumable(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()
+        self.io.wait()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._restore_sigint()
-        mid_epoch = 0 < trainer.fit_loop.epoch_loop.batch_progress.current.completed \
-            < trainer.num_training_batches
-        if trainer.received_sigterm and mid_epoch and not self._validating \
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if trainer.received_sigterm and 0 < done < trainer.num_training_batches \
+                and not self._validating \
                 and not stopping.aborting():  # a second signal: stop now, no checkpoint
-            self._save(trainer, mid_epoch=True)
+            self._save(trainer, batches_done=done, background=False)
             log.warning("interrupted: state saved in %s; run the same command to resume",
                         self.path)
+        else:
+            try:
+                self.io.wait()  # what a background write had under way, kept
+            except Exception as e:  # noqa: BLE001 - the exception that stopped the run comes first
+                log.warning("the checkpoint being written when the run stopped failed: %s", e)

@@ -44,6 +44,7 @@ from blurbtune import (
     sweep_outcome,
     threads,
 )
+from blurbtune.checkpoints import RunCheckpointIO, frozen_state
 from blurbtune.datamodule import BlurbDataModule
 from blurbtune.errors import ConfigError, DivergedError
 from blurbtune.io import as_full_disk, write_json, write_jsonl, write_text_atomic
@@ -59,7 +60,6 @@ from blurbtune.reproducibility import (
 from blurbtune.resume import (
     DamagedCheckpoint,
     Resumable,
-    StackCheckpointIO,
     last_checkpoint,
     position,
     remove_checkpoints,
@@ -470,29 +470,24 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
     callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))  # user's, if any
     run_loggers = [loggers.build(p.cfg, p.out, finish_open=k == 0, stacked=size > 1)
                    for k, p in enumerate(group)]
-    checkpoint_io = None
-    if size > 1:
-        checkpoint_io = StackCheckpointIO([p.out for p in group], stack.stacked, module.alive,
-                                          "cpu")
-    resumable = Resumable(group[0].out, dm, int(cfg.get("checkpoint_every", 1)))
+    checkpoint_io = RunCheckpointIO([p.out for p in group], stack.stacked if stack else None,
+                                    module.alive, lambda: frozen_state(module))
+    resumable = Resumable(group[0].out, dm, checkpoint_io, cfg.get("checkpoint_every", "auto"))
     trainer = instantiate(
         trainer_cfg, default_root_dir=str(group[0].out),
         logger=run_loggers[0] if size == 1 else [
             loggers.for_member(lg, k) for k, own in enumerate(run_loggers) for lg in own],
         callbacks=[*callbacks, *console.progress_bar(trainer_cfg, callbacks), resumable])
-    if checkpoint_io is not None:  # before fit: Lightning restores a checkpoint through it
-        checkpoint_io.device_type = trainer.strategy.root_device.type
-        trainer.strategy.checkpoint_io = checkpoint_io
+    # Before fit: Lightning restores a checkpoint through it.
+    checkpoint_io.device_type = trainer.strategy.root_device.type
+    trainer.strategy.checkpoint_io = checkpoint_io
     hparams = [loggers.log_start(own, p.cfg, {"seeds": p.seeds, "threads": identity["threads"]})
                for own, p, identity in zip(run_loggers, group, identities, strict=True)]
-    resume_from = last_checkpoint(group[0].out)
-    if resume_from is not None and size > 1:
-        resume_from = resumable.path  # the members' checkpoints, merged by checkpoint_io
+    resume_from = last_checkpoint(group[0].out)  # read by checkpoint_io, member by member
     stopping.check()
     done.update(stage="training", module=module)
     t0 = time.perf_counter()
-    # The checkpoint is this run's own file, and it holds Python objects (history, preds).
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
     if module.dev_is_stale():  # max_steps, val_check_interval...: the last model is unseen
         done["stage"] = "evaluating dev after training"
         trainer.validate(module, datamodule=dm, verbose=False)

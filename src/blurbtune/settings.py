@@ -21,8 +21,9 @@ ABSENT = object()
 
 @dataclass(frozen=True)
 class Setting:
-    """What one key accepts: `kind` int, float (int or float), bool, or count_or_fraction
-    (Lightning's limit_*_batches: a number of batches ≥ 1 or a fraction in (0, 1])."""
+    """What one key accepts: `kind` int, float (int or float), bool, count_or_fraction
+    (Lightning's limit_*_batches: a number of batches ≥ 1 or a fraction in (0, 1]), or
+    interval (`checkpoint_interval`: epochs, a duration, or auto)."""
 
     key: str
     kind: str
@@ -41,6 +42,12 @@ class Setting:
             return isinstance(value, bool)
         if self.kind == "choice":
             return not isinstance(value, bool) and value in self.choices
+        if self.kind == "interval":
+            try:
+                checkpoint_interval(value)
+            except ValueError:
+                return False
+            return True
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.kind == "count_or_fraction":
@@ -62,6 +69,9 @@ class Setting:
             what = "true or false"
         elif self.kind == "choice":
             what = "one of " + ", ".join(dict.fromkeys(str(c) for c in self.choices))
+        elif self.kind == "interval":
+            what = ("a number of epochs ≥ 0 (0: only when stopped), a time such as 30min, 2h "
+                    "or 90s, or auto")
         elif self.kind == "count_or_fraction":
             what = "a number of batches ≥ 1, or a fraction in (0, 1]"
         else:
@@ -81,6 +91,32 @@ def _num(value: float) -> str:
     if float(value).is_integer() and value >= 1e6 and (int(value) + 1).bit_count() == 1:
         return f"2^{int(value).bit_length()} - 1"
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+DURATION_UNITS = {"s": 1, "min": 60, "h": 3600}
+AUTO_INTERVAL_S = 30 * 60  # checkpoint_every=auto: at least this often, in seconds
+
+
+def checkpoint_interval(value: Any) -> tuple[str, float]:
+    """`checkpoint_every` as (kind, amount): ("epochs", n) for an integer n ≥ 0, ("seconds", s)
+    for a duration such as `30min`, `2h`, `90s` or `1.5h`, ("auto", AUTO_INTERVAL_S) for auto.
+    Raises ValueError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return "epochs", value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto", AUTO_INTERVAL_S
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            seconds = float(number) * DURATION_UNITS[unit]
+        except (KeyError, ValueError):
+            pass
+        else:
+            if math.isfinite(seconds) and seconds > 0:
+                return "seconds", seconds
+    raise ValueError(f"checkpoint_every={value!r}")
 
 
 def _int(key: str, low: int | None = None, **kw: Any) -> Setting:
@@ -127,7 +163,7 @@ SETTINGS: tuple[Setting, ...] = (
     _int("data.max_eval_examples", 1, null="all"),
     _int("data.num_workers", 0),
     _int("threads", 1, null="the CPUs this process may use"),
-    _int("checkpoint_every", 0),
+    Setting("checkpoint_every", "interval"),
     _int("trainer.log_every_n_steps", 1),
     Setting("trainer.limit_train_batches", "count_or_fraction", null="every batch"),
     Setting("trainer.limit_val_batches", "count_or_fraction", null="every batch"),
