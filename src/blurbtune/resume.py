@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 
 from blurbtune import stopping
 from blurbtune.checkpoints import FOLDER, LAST, RunCheckpointIO, best_file, load, remove
+from blurbtune.console import epoch_label
 from blurbtune.errors import BlurbtuneError
 from blurbtune.reproducibility import rng_state, set_rng_state
 from blurbtune.settings import checkpoint_interval
@@ -178,7 +179,9 @@ class Resumable(pl.Callback):
             self.datamodule.resume_at(done)
         # We replay the order ourselves, so Lightning's warning about mid-epoch resume is moot.
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
-        log.info("resuming from %s (epoch %d, %d batches done)", self.path, state["epoch"], done)
+        where = epoch_label(state["epoch"], trainer.max_epochs)  # as the bars count, from 1
+        log.info("resuming from %s (%s)", self.path,
+                 f"{where}, {done} batches done" if done else f"after {where}")
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._validating = True
