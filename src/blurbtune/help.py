@@ -33,7 +33,7 @@ COMMON = (
 )
 
 EXAMPLES = (
-    ("the first run: real weights, shipped data, about a minute on an idle 2-core CPU",
+    ("the first run: real weights, shipped data, about 90 s on an idle 2-core CPU",
      "python train.py experiment=quickstart"),
     ("one run with a stabilizer and its knob",
      "python train.py model=pubmedbert task=biosses stabilizer=llrd stabilizer.llrd.decay=0.8 "
