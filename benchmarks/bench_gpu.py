@@ -96,6 +96,30 @@ class Budget:
         return False
 
 
+ERRORS: list[dict] = []
+
+
+def guarded(what: str, measure: Any, *args: Any) -> Any:
+    """`measure(*args)`, or None where it raised: the error is printed, kept for the JSON
+    (`errors`), and the script goes on to the next measurement."""
+    import traceback
+
+    try:
+        return measure(*args)
+    except Exception as exc:  # noqa: BLE001 - one failed measurement must not lose the rest
+        ERRORS.append({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                       "traceback": traceback.format_exc()[-4000:]})
+        say(f"FAILED {what}: {type(exc).__name__}: {exc}"[:600])
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+
 # --------------------------------------------------------------------------- measurements
 
 def _sync(device: str) -> None:
@@ -222,25 +246,36 @@ def minilm_part(p: dict, device: str, budget: Budget) -> list[dict]:
         for attention in ("eager", "fused"):
             if not budget.fits(f"minilm {name} {attention}", guess):
                 continue
-            trainee = Trainee(shape, K, attention, 0.1, device)
-            row[attention] = time_steps(trainee, batches, p["warmup"])
-            _release(trainee)
-            say(f"minilm {name} K={K} {attention}: {row[attention]}")
+            got = guarded(f"minilm {name} {attention}", _timed, shape, K, attention, batches, p)
+            if got is not None:
+                row[attention] = got
+                say(f"minilm {name} K={K} {attention}: {got}")
         if "eager" in row and "fused" in row:
             row["fused_speedup"] = round(row["eager"]["ms_per_step"]
                                          / row["fused"]["ms_per_step"], 2)
         if budget.fits(f"minilm {name} separate", guess / 4):
-            single = Trainee(shape, None, "sdpa", 0.1, device)
             one = _batches(0, rows, length, shape["vocab_size"], p["warmup"] + p["steps"], device)
-            row["separate"] = time_steps(single, one, p["warmup"])
-            _release(single)
-            if "fused" in row:
+            got = guarded(f"minilm {name} separate", _timed, shape, None, "sdpa", one, p)
+            if got is not None:
+                row["separate"] = got
+            if "fused" in row and "separate" in row:
                 row["fused_x_separate"] = round(row["fused"]["ex_per_s"]
                                                 / row["separate"]["ex_per_s"], 2)
         if budget.fits(f"minilm {name} loss after {p['compare_steps']} steps", 2 * guess):
-            row["loss_after_steps"] = compare_losses(shape, K, rows, length, p, device)
+            got = guarded(f"minilm {name} losses", compare_losses, shape, K, rows, length, p,
+                          device)
+            if got is not None:
+                row["loss_after_steps"] = got
         rows_out.append(row)
     return rows_out
+
+
+def _timed(shape: dict, members: int | None, attention: str, batches: list, p: dict) -> dict:
+    trainee = Trainee(shape, members, attention, 0.1, batches[0]["input_ids"].device.type)
+    try:
+        return time_steps(trainee, batches, p["warmup"])
+    finally:
+        _release(trainee)
 
 
 def compare_losses(shape: dict, members: int, rows: int, length: int, p: dict,
@@ -272,14 +307,24 @@ def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
     every length, against the runs one after another (K single runs: the single run's ex/s)."""
     from bench_train import flop_parameters
 
-    out, shape, rows = [], p["bert"], p["rows"]
+    out, shape = [], p["bert"]
     params = flop_parameters(_model(shape, 0, 0.1))
     separate: dict[int, float] = {}
     for K in p["bert_members"]:
         guess = (45.0 * K / 10 + 10) if device == "cuda" else 15.0
         if not budget.fits(f"bert K={K}", guess):
             continue
-        trainee = Trainee(shape, K if K > 1 else None, "fused", 0.1, device)
+        got = guarded(f"bert K={K}", _bert_member_count, shape, K, p, params, rate, separate,
+                      device)
+        out.extend(got or [])
+    return sorted(out, key=lambda r: (r["length"], r["members"]))
+
+
+def _bert_member_count(shape: dict, K: int, p: dict, params: int, rate: float,
+                       separate: dict[int, float], device: str) -> list[dict]:
+    out, rows = [], p["rows"]
+    trainee = Trainee(shape, K if K > 1 else None, "fused", 0.1, device)
+    try:
         for length in p["bert_lengths"]:
             batches = _batches(K if K > 1 else 0, rows, length, shape["vocab_size"],
                                p["warmup"] + p["steps"], device)
@@ -296,8 +341,9 @@ def bert_part(p: dict, device: str, rate: float, budget: Budget) -> list[dict]:
                 if length in separate else None
             say(f"bert L={length} K={K}: {got}")
             out.append(got)
+    finally:
         _release(trainee)
-    return sorted(out, key=lambda r: (r["length"], r["members"]))
+    return out
 
 
 def preset_part(args: argparse.Namespace, env: dict, budget: Budget) -> dict:
@@ -344,8 +390,10 @@ def preset_part(args: argparse.Namespace, env: dict, budget: Budget) -> dict:
            "completed_runs": runs.count("completed"), "runs": len(runs),
            "console": str(work / "console.log"), "argv": argv[1:]}
     say(f"preset: {out}")
+    tail = (work / "console.log").read_text(errors="replace")[-6000:]
+    out["console_tail"] = tail
     if code != 0:
-        say("preset console tail:", (work / "console.log").read_text()[-3000:])
+        say("preset console tail:", tail[-3000:])
     return out
 
 
@@ -524,20 +572,27 @@ def main(argv: list[str] | None = None) -> dict:
     env = setup(args) if "preset" in parts else {}
     result: dict[str, Any] = {"environment": environment(device), "dry": args.dry,
                               "settings": {k: v for k, v in p.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        result.update(skipped=budget.skipped, errors=ERRORS,
+                      elapsed_s=round(time.monotonic() - T0, 1))
+        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
     rate = matmul_rate(device, args.dry)
     result["matmul"] = rate
+    save()
     if "minilm" in parts:
         result["minilm"] = minilm_part(p, device, budget)
+        save()
     if "bert" in parts:
         result["bert"] = bert_part(p, device, rate["flops"], budget)
+        save()
     if args.dry:
         result["cpu"] = cpu_part(TINY, [p["minilm_shapes"]["biosses"]], 2, 2)
     if "preset" in parts:
-        result["preset"] = preset_part(args, env, budget)
-    result["skipped"] = budget.skipped
-    result["elapsed_s"] = round(time.monotonic() - T0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        result["preset"] = guarded("preset", preset_part, args, env, budget) or {}
+    save()
     print_tables(result)
     say(f"done in {result['elapsed_s']} s; JSON in {args.out}")
     return result
