@@ -169,7 +169,7 @@ def test_every_family_stacks_each_member_as_its_own_model_with_fused_attention(
 
     prepare = stacking.prepare_skeleton
 
-    def fused(model, attention="auto"):
+    def fused(model, attention="auto", max_length=None):
         assert prepare(model, "fused") == "fused"
         return "fused"
 
@@ -224,3 +224,18 @@ def test_a_members_attention_dropout_comes_from_its_generator_and_advances_it():
     with drawing_from(own):
         second = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     assert torch.equal(second, second_expected)
+
+
+@pytest.mark.parametrize(("attention", "max_length", "expected"), [
+    ("auto", 128, "eager"), ("auto", 255, "eager"), ("auto", 256, "auto"),
+    ("auto", 512, "auto"), ("auto", None, "auto"), ("fused", 128, "fused"),
+    ("eager", 512, "eager")])
+def test_auto_takes_eager_on_short_tasks_on_every_device(attention, max_length, expected):
+    """A task's max_length below `FUSED_FROM_LENGTH` (256, measured on an H200) sets eager
+    attention whatever the device; a forced choice is kept; `auto` above it is the GPU's
+    fused path (eager on a CPU, by name)."""
+    skeleton, _ = stacking.stack_models([_model(s, _config(0.0, 0.0)) for s in (0, 1)])
+    assert stacking.prepare_skeleton(skeleton, attention, max_length=max_length) == expected
+    implementation = {"eager": "eager", "auto": "blurbtune_stacked",
+                      "fused": "blurbtune_stacked_fused"}[expected]
+    assert skeleton.config._attn_implementation == implementation

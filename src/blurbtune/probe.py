@@ -113,7 +113,7 @@ def peak_memory(cfg: Any, members: int, device: str) -> int:
         models.append(model)
     skeleton, stacked = stacking.stack_models(models) if members > 1 else (models[0], set())
     if members > 1:
-        stacking.prepare_skeleton(skeleton)
+        stacking.prepare_skeleton(skeleton, max_length=int(task.max_length))
     skeleton.to(device).train()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

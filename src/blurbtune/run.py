@@ -453,7 +453,7 @@ def _train(group: list[Planned], identities: list[dict], done: dict,
         model, stacked = stacking.stack_models(built)
         stack = stacking.Stack([p.seeds["seed"] for p in group], stacked,
                                mask=stacking.mask_form(model))
-        stacking.prepare_skeleton(model)
+        stacking.prepare_skeleton(model, max_length=int(task.max_length))
         params = dict(model.named_parameters())
         groups = [{**g, "params": [params[n] for n in g["param_names"]]}
                   for g in extras[0]["groups"]]

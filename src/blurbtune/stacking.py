@@ -462,16 +462,27 @@ def mask_form(model: nn.Module) -> str:
     return FAMILIES[model.config.model_type].stack_mask or "additive"
 
 
-def prepare_skeleton(model: nn.Module, attention: str = "auto") -> str:
+# On an H200 a stack of 10 MiniLM members trained 1.27x faster with fused attention at
+# 16 x 512 (and in a third of the memory) but 1.34x slower at 16 x 128, where one kernel call
+# per member and layer costs more than the eager tensors it saves (docs/benchmark.md).
+FUSED_FROM_LENGTH = 256
+
+
+def prepare_skeleton(model: nn.Module, attention: str = "auto",
+                     max_length: int | None = None) -> str:
     """Set the skeleton's attention for `vmap`; returns the one set. ``auto``: fused where
-    the stack runs on a GPU, eager on a CPU; ``fused``: fused on every device; ``eager``:
-    eager. Fused (`blurbtune.stack_attention`): PyTorch's scaled_dot_product_attention on
+    the stack runs on a GPU on sequences of `FUSED_FROM_LENGTH` tokens or more (the task's
+    `max_length`; a fact of the configuration, so every member of every stack of it takes the
+    same path), eager on a CPU and on shorter tasks; ``fused``: fused on every device;
+    ``eager``: eager. Fused (`blurbtune.stack_attention`): PyTorch's scaled_dot_product_attention on
     every member at once, dropout drawn per member. Eager: transformers' eager attention under
     `vmap`, ``[K, B, H, L, L]`` tensors, its dropout through `F.dropout` (drawn per member);
     also where the family's attention is not transformers' attention interface
     (`families.Family.fused_attention`), which one log line names."""
     from blurbtune.families import FAMILIES
 
+    if attention == "auto" and max_length is not None and max_length < FUSED_FROM_LENGTH:
+        attention = "eager"
     family = FAMILIES.get(model.config.model_type)
     if attention != "eager" and family is not None and family.fused_attention:
         from blurbtune import stack_attention
