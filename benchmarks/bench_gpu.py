@@ -129,11 +129,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _model(shape: dict, seed: int, dropout: float) -> Any:
+def _model(shape: dict, seed: int, dropout: float, attention_dropout: float | None = None) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    config = BertConfig(**shape, attention_probs_dropout_prob=dropout,
+    attention_dropout = dropout if attention_dropout is None else attention_dropout
+    config = BertConfig(**shape, attention_probs_dropout_prob=attention_dropout,
                         hidden_dropout_prob=dropout, num_labels=3)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
@@ -155,7 +156,7 @@ class Trainee:
     """A stack of `members` (None: one plain model, a single run) ready to step."""
 
     def __init__(self, shape: dict, members: int | None, attention: str, dropout: float,
-                 device: str) -> None:
+                 device: str, attention_dropout: float | None = None) -> None:
         import torch
 
         from blurbtune import stacking
@@ -163,11 +164,12 @@ class Trainee:
         self.device, self.members = device, members
         if members:
             self.model, self.stacked = stacking.stack_models(
-                [_model(shape, k, dropout) for k in range(members)])
+                [_model(shape, k, dropout, attention_dropout) for k in range(members)])
             self.attention = stacking.prepare_skeleton(self.model, attention)
             self.gens = [torch.Generator(device=device).manual_seed(k) for k in range(members)]
         else:
-            self.model, self.attention = _model(shape, 0, dropout), "sdpa (single run)"
+            self.model = _model(shape, 0, dropout, attention_dropout)
+            self.attention = "sdpa (single run)"
         self.model.to(device).train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters()
                                             if p.requires_grad], lr=1e-4)

@@ -38,3 +38,13 @@ def test_the_dry_run_measures_every_part_and_writes_one_json(tmp_path, capsys):
     assert 0 < preset["to_first_step_s"] < preset["wall_s"]
     printed = capsys.readouterr().out
     assert "| BERT-base shape |" in printed and "BIOSSES preset: 2/2 runs completed" in printed
+
+
+def test_the_profile_runs_on_the_cpu_with_tiny_shapes(capsys):
+    import profile_stack
+
+    profile_stack.main()
+    out = capsys.readouterr().out
+    assert out.startswith("launch: a tiny kernel:")
+    steps = [line for line in out.splitlines() if " ms a step" in line]
+    assert len(steps) == 10
