@@ -307,14 +307,20 @@ def comparisons(configs: Configs, runs: pd.DataFrame) -> list[tuple[str, str]]:
             if ref is not None and pd.notna(ref) and config in present and ref in present]
 
 
-def pair_up(group: pd.DataFrame, reference: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The completed runs of two configurations side by side over their shared seeds (the seeds,
-    `column` and `<column>_ref`)."""
-    def scores(runs: pd.DataFrame) -> pd.DataFrame:
-        return completed(runs)[[*PAIR_KEYS, column]].dropna(subset=[column])
-
-    return pd.merge(scores(group), scores(reference), on=PAIR_KEYS,
-                    suffixes=("", "_ref")).sort_values(PAIR_KEYS)
+def pair_up(runs: pd.DataFrame, compared: dict[str, str], column: str
+            ) -> dict[str, pd.DataFrame]:
+    """Per configuration in `compared` (config -> its reference config): its completed runs and
+    its reference's side by side over their shared seeds (the seeds, `column` and
+    `<column>_ref`, in seed order). One merge for every comparison of the sweep."""
+    done = completed(runs)[[GROUP, *PAIR_KEYS, column]].dropna(subset=[column])
+    treated = done[done[GROUP].isin(compared)]
+    treated = treated.assign(_ref=treated[GROUP].map(compared))
+    reference = done.rename(columns={GROUP: "_ref", column: f"{column}_ref"})
+    pairs = pd.merge(treated, reference, on=["_ref", *PAIR_KEYS]).sort_values(
+        [GROUP, *PAIR_KEYS])
+    groups = dict(list(pairs.drop(columns="_ref").groupby(GROUP, sort=False)))
+    empty = pairs.iloc[:0].drop(columns="_ref")
+    return {config: groups.get(config, empty).drop(columns=GROUP) for config in compared}
 
 
 def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test_best"
@@ -326,9 +332,10 @@ def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test
     one is not compared.
     """
     rows = []
-    groups = dict(list(runs.groupby(GROUP, sort=False)))
-    for config, ref in comparisons(configs, runs):
-        pairs = pair_up(groups[config], groups[ref], column)
+    compared = dict(comparisons(configs, runs))
+    paired = pair_up(runs, compared, column)
+    for config, ref in compared.items():
+        pairs = paired[config]
         result = paired_test(pairs[column].to_numpy(), pairs[f"{column}_ref"].to_numpy())
         rows.append({GROUP: config, "ref_config": ref} | result
                     | {"seeds": " ".join(str(_as_int(s)) for s in pairs["seed"])})
