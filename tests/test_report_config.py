@@ -25,6 +25,7 @@ CASES = {
     "relative": {"a": {"b": "${.c}", "c": 4}, "d": "${a.b}"},
     "a bool and a null": {"flag": "${f}", "f": True, "n": "${m}", "m": None},
     "indexed": {"l": [7, 8], "x": "${l.1}"},
+    "an int key": {"a": {1: "x", "y": 2}, "b": "${a}"},  # JSON would make it "1"
 }
 
 
