@@ -40,6 +40,7 @@ from blurbtune.report.stats import (
     is_failure,
     pair_up,
     paired_test,
+    stat_columns,
 )
 
 BETTER, WORSE, SAME = "better", "worse", "no difference"
@@ -172,6 +173,7 @@ VERDICT_COLUMNS = [
 def verdicts(runs: pd.DataFrame, configs: Configs, column: str = "test_best") -> pd.DataFrame:
     """One row per comparison (each stabilizer configuration against its `none`), and one per
     configuration of another stabilizer that has no `none` to compare with, saying so."""
+    runs = stat_columns(runs, column)
     groups = dict(list(runs.groupby(GROUP, sort=False)))
     compared = dict(comparisons(configs, runs))
     paired = pair_up(runs, compared, column)
