@@ -82,3 +82,29 @@ def test_omegaconf_sees_only_what_interpolates(created: list[dict]) -> None:
     config = big | {"opt": {"lr": "${task.lr}", "wd": 0.1}, "task": {"lr": 0.5, "n": 2}}
     assert resolved_mapping(config)["opt.lr"] == 0.5
     assert created == [{"opt": {"lr": "${task.lr}"}, "task": {"lr": 0.5}}]
+
+
+def test_fixed_layout_keeps_margins_and_room_for_the_panels() -> None:
+    """Margins in inches as asked; labels taller than the figure make it taller, not the axes
+    negative (subplots_adjust would refuse bottom above top)."""
+    from matplotlib.figure import Figure
+
+    from blurbtune.report.plots import MIN_PANEL, fixed_layout
+
+    fig = Figure(figsize=(12, 6.4))  # two rows of dev-curve panels
+    axes = fig.subplots(2, 3)
+    fixed_layout(fig, bottom=0.6, top=0.85, hspace=1.1)
+    width, height = fig.get_size_inches()
+    low, high = axes[1, 0].get_position(), axes[0, 0].get_position()
+    assert (width, height) == (12, 6.4)
+    assert low.y0 * height == pytest.approx(0.6)
+    assert (1 - high.y1) * height == pytest.approx(0.85)
+    assert (high.y0 - low.y1) * height == pytest.approx(1.1)
+    assert low.x0 * width == pytest.approx(0.75)
+
+    tall = Figure(figsize=(5.5, 4.2))
+    ax = tall.subplots()
+    fixed_layout(tall, bottom=0.35 + 0.17 * 25)  # a label of 25 lines
+    height = tall.get_size_inches()[1]
+    assert ax.get_position().height * height == pytest.approx(MIN_PANEL)
+    assert ax.get_position().y0 * height == pytest.approx(0.35 + 0.17 * 25)

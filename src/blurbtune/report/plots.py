@@ -328,14 +328,20 @@ def _metric(frame: pd.DataFrame) -> str:
 
 # A line of 10-point text, in inches (the tick labels' size; `small` is 0.83 of it).
 LINE = 0.17
+MIN_PANEL = 1.5  # inches
 
 
 def fixed_layout(fig: Figure, bottom: float, top: float = 0.4, left: float = 0.75,
                  right: float = 0.2, hspace: float = 0.0, wspace: float = 0.3) -> None:
     """Margins and the gaps between panels in inches, set once: `tight_layout` would draw the
-    figure a second time to measure its text, which for these plots doubles their cost."""
-    width, height = fig.get_size_inches()
+    figure a second time to measure its text, which for these plots doubles their cost. A
+    figure whose margins would leave a panel less than MIN_PANEL inches is made taller or
+    wider."""
     rows, columns = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    width, height = fig.get_size_inches()
+    width = max(width, left + right + (columns - 1) * wspace + columns * MIN_PANEL)
+    height = max(height, top + bottom + (rows - 1) * hspace + rows * MIN_PANEL)
+    fig.set_size_inches(width, height)
     panel_w = (width - left - right - (columns - 1) * wspace) / columns
     panel_h = (height - top - bottom - (rows - 1) * hspace) / rows
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
