@@ -10,7 +10,8 @@ drops `dev` from K others, so the page's "left out" section has something to nam
     python benchmarks/bench_report.py --lrs 3 --keep outputs/synthetic      # a small sweep, kept
 
 Each report runs in its own process (as a user types it), old and new alternately, `--repeats`
-times; the best wall time and the peak RSS of each are printed with their ratio.
+times; the best wall time, the CPU seconds of that process (user + system: what to compare on
+a machine shared with other jobs) and the peak RSS of each are printed with their ratios.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "study" / "runs"
 RUN_FILES = ("results.json", "provenance.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
 STUDY_LR = 1e-4
-# `blurbtune report ARGS` in this process, then its peak RSS (KiB) as stderr's last line.
+# `blurbtune report ARGS` in this process, then its peak RSS (KiB) and CPU seconds (user +
+# system) as stderr's last line.
 MEASURED = """
 import resource, sys
 from blurbtune.cli import main
 try:
     code = main(sys.argv[1:])
 finally:
-    print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    print("maxrss", use.ru_maxrss, "cpu", use.ru_utime + use.ru_stime, file=sys.stderr)
 sys.exit(code)
 """
 
@@ -79,12 +82,13 @@ def time_report(src: Path, sweep: Path, out: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", MEASURED, "report", str(sweep), "--out",
                            str(out)], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    rss = int(done.stderr.strip().splitlines()[-1].split()[-1])
+    last = done.stderr.strip().splitlines()[-1].split()
+    rss, cpu = int(last[1]), float(last[3])
     if done.returncode != 0:
         raise SystemExit(f"report with {src} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     page = out / "report.html"
-    return {"wall_s": wall, "peak_rss_mb": rss / 1024, "files": len(
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss / 1024, "files": len(
         list(out.rglob("*.*"))), "folder_mb": size / 2**20,
         "page_mb": page.stat().st_size / 2**20 if page.exists() else None}
 
@@ -113,6 +117,7 @@ def main() -> None:
                                             f"{k} {v}" for k, v in got.items()), flush=True)
     if "old" in best:
         print(f"new/old wall time {best['new']['wall_s'] / best['old']['wall_s']:.3f}, "
+              f"CPU time {best['new']['cpu_s'] / best['old']['cpu_s']:.3f}, "
               f"peak RSS {best['new']['peak_rss_mb'] / best['old']['peak_rss_mb']:.3f}")
     shutil.rmtree(tmp, ignore_errors=True)
 

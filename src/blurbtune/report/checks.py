@@ -30,20 +30,20 @@ def collisions(found: dict[str, list[tuple[dict, list[str]]]], configs: Configs)
 
 def missing_seeds(runs: pd.DataFrame, configs: Configs) -> list[str]:
     """Configurations with fewer completed seeds than the largest one, and which seeds they lack."""
-    groups = [
-        (config, completed(group).drop_duplicates(PAIR_KEYS))
-        for config, group in runs.groupby(GROUP, sort=False)
-    ]
-    position = {config: i for i, config in enumerate(configs.table.index)}
-    groups.sort(key=lambda item: position[item[0]])
-    largest = max((len(done) for _, done in groups), default=0)
-    all_seeds = set(completed(runs)["seed"].dropna())
+    done = completed(runs).drop_duplicates([GROUP, *PAIR_KEYS])
+    counts = done.groupby(GROUP, sort=False).size()
+    present = set(runs[GROUP])
+    groups = [(config, int(counts.get(config, 0))) for config in configs.table.index
+              if config in present]
+    largest = max((n for _, n in groups), default=0)
+    all_seeds = set(done["seed"].dropna())
+    seeds = done.groupby(GROUP, sort=False)["seed"].agg(lambda s: set(s.dropna()))
     messages = []
-    for config, done in groups:
-        if len(done) >= largest:
+    for config, n in groups:
+        if n >= largest:
             continue
-        message = f"{configs.label(config)}: {len(done)} of {largest} seeds completed"
-        lacking = pd.Series(sorted(all_seeds - set(done["seed"].dropna())), dtype=float)
+        message = f"{configs.label(config)}: {n} of {largest} seeds completed"
+        lacking = pd.Series(sorted(all_seeds - seeds.get(config, set())), dtype=float)
         if len(lacking):
             message += f"; missing seed {_seeds(lacking)}"
         messages.append(message)
@@ -85,18 +85,15 @@ def mixed_versions(runs: pd.DataFrame, configs: pd.Series) -> list[str]:
     "torch 2.12.0 (4 runs), 2.13.0 (6 runs)", or "". A run that does not record one (older
     runs) is unknown, not a difference."""
     columns = [c for c in runs.columns if c.startswith("version.")]
-    groups = dict(list(runs.groupby(GROUP, sort=False)))
-    notes = []
-    for config in configs:
-        group = groups.get(config, runs.iloc[:0])
-        parts = []
-        for column in columns:
-            counts = group[column].dropna().value_counts().sort_index()
-            if len(counts) > 1:
-                parts.append(f"{column.removeprefix('version.')} " + ", ".join(
-                    f"{value} ({count} runs)" for value, count in counts.items()))
-        notes.append("mixed: " + "; ".join(parts) if parts else "")
-    return notes
+    parts: dict[str, list[str]] = {}
+    for column in columns:  # one count per (configuration, version), NaN left out
+        counts = runs.groupby([GROUP, column]).size()
+        values = counts.groupby(level=0).size()
+        for config in values.index[values > 1]:
+            parts.setdefault(config, []).append(
+                f"{column.removeprefix('version.')} " + ", ".join(
+                    f"{value} ({count} runs)" for value, count in counts[config].items()))
+    return ["mixed: " + "; ".join(parts[c]) if c in parts else "" for c in configs]
 
 
 def no_reference_at(verdicts: pd.DataFrame, reference_lr: float) -> list[str]:

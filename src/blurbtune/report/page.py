@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -39,10 +40,12 @@ RUN_COLUMNS = ["configuration", "seed", "status", "dev (x100)", "test (x100)", "
                "flag", "folder"]
 
 
-def folder_link(results: str, out_dir: Path) -> str:
-    """The run folder (of its results.json) relative to the report folder, as a URL."""
-    folder = Path(results).parent.resolve()
-    return quote(Path(os.path.relpath(folder, out_dir.resolve())).as_posix()) + "/"
+def folder_links(results: Iterable[str], out_dir: Path) -> dict[str, str]:
+    """Each run folder (of its results.json) relative to the report folder, as a URL; the
+    report folder resolved once, each run's once (the runs table and the plot share them)."""
+    out = out_dir.resolve()
+    return {path: quote(Path(os.path.relpath(Path(path).parent.resolve(), out)).as_posix())
+            + "/" for path in dict.fromkeys(results)}
 
 
 def flag(run: pd.Series) -> str:
@@ -60,8 +63,9 @@ def sortable(show):
     return lambda value: "" if pd.isna(value) else show(value)
 
 
-def runs_frame(report: Report, labels: dict[str, str]) -> pd.DataFrame:
-    """One row per run read, with a link to its folder (HTML, escaped here)."""
+def runs_frame(report: Report, labels: dict[str, str], links: dict[str, str]) -> pd.DataFrame:
+    """One row per run read, with a link to its folder (`links`: folder_links; HTML, escaped
+    here)."""
     from markupsafe import escape
 
     runs = report.runs.assign(degenerate=is_degenerate(report.runs))
@@ -74,7 +78,7 @@ def runs_frame(report: Report, labels: dict[str, str]) -> pd.DataFrame:
         RUN_COLUMNS[5]: runs["best_epoch"].map(sortable(number)),
         RUN_COLUMNS[6]: runs.apply(flag, axis=1),
         RUN_COLUMNS[7]: [
-            f'<a href="{escape(folder_link(p, report.out_dir))}">{escape(Path(p).parent.name)}</a>'
+            f'<a href="{escape(links[p])}">{escape(Path(p).parent.name)}</a>'
             for p in runs["path"]],
     })
     for column in RUN_COLUMNS[:3] + RUN_COLUMNS[6:7]:
@@ -99,7 +103,8 @@ def runs_table(frame: pd.DataFrame) -> str:
     )
 
 
-def scores_figures(report: Report, labels: dict[str, str]) -> tuple[str, list[str]]:
+def scores_figures(report: Report, labels: dict[str, str], links: dict[str, str]
+                   ) -> tuple[str, list[str]]:
     """(script, divs): one Bokeh figure per (model, task), a point per completed run (hover:
     seed and folder; click: the folder) and a dash at each configuration's mean (summary.csv)."""
     from bokeh.embed import components
@@ -132,7 +137,7 @@ def scores_figures(report: Report, labels: dict[str, str]) -> tuple[str, list[st
                 "score": (100 * part["test_best"]).round(tables.DIGITS).tolist(),
                 "seed": part["seed"].map(number).tolist(),
                 "run": [Path(p).parent.name for p in part["path"]],
-                "href": [folder_link(p, report.out_dir) for p in part["path"]],
+                "href": [links[p] for p in part["path"]],
             })
             fig.scatter(x=jitter("x", 0.3, range=fig.x_range), y="score", source=source,
                         size=8, color=colour, alpha=0.8, legend_label=name,
@@ -205,7 +210,8 @@ def write_page(report: Report, out: Path, pngs: list[Path], left_out: dict[str, 
 
     varying = report.configs.varying
     labels = {c: report.configs.label(c) for c in report.configs.table.index}
-    script, divs = scores_figures(report, labels)
+    links = folder_links(report.runs["path"], report.out_dir)
+    script, divs = scores_figures(report, labels, links)
     table = report.configs.table
     context = {
         "title": "Study report: " + ", ".join(
@@ -235,7 +241,7 @@ def write_page(report: Report, out: Path, pngs: list[Path], left_out: dict[str, 
                     if lines},
         "notes": report.notes,
         "itables_init": generate_init_offline_itables_html(dt_bundle),
-        "runs_table": runs_table(runs_frame(report, labels)),
+        "runs_table": runs_table(runs_frame(report, labels, links)),
         "missing": MISSING,
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("blurbtune.report", "templates"),

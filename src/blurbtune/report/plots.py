@@ -89,16 +89,15 @@ def plot_scores(runs: pd.DataFrame, configs: Configs, out_dir: Path,
             showfliers=False,
             widths=0.5,
         )
-        rng = np.random.default_rng(0)
-        labelled = False
-        for position, (_, group) in enumerate(groups, start=1):
-            jitter = position + rng.uniform(-0.12, 0.12, len(group))
-            bad = group["degenerate"].to_numpy()
-            scores = 100 * group[column].to_numpy()
-            ax.scatter(jitter[~bad], scores[~bad], s=18, color=OK_COLOUR, alpha=0.8, zorder=3)
-            ax.scatter(jitter[bad], scores[bad], s=30, color=FAILED_COLOUR, marker="x", zorder=3,
-                       label="degenerate run" if bad.any() and not labelled else None)  # fmt: skip
-            labelled = labelled or bool(bad.any())
+        rng = np.random.default_rng(0)  # one draw per group, in order: the same jitter as ever
+        jitter = np.concatenate([p + rng.uniform(-0.12, 0.12, len(g))
+                                 for p, (_, g) in enumerate(groups, start=1)])
+        scores = 100 * np.concatenate([g[column].to_numpy() for _, g in groups])
+        bad = np.concatenate([g["degenerate"].to_numpy(dtype=bool) for _, g in groups])
+        ax.scatter(jitter[~bad], scores[~bad], s=18, color=OK_COLOUR, alpha=0.8, zorder=3)
+        if bad.any():
+            ax.scatter(jitter[bad], scores[bad], s=30, color=FAILED_COLOUR, marker="x",
+                       zorder=3, label="degenerate run")
         baseline = frame["baseline_test"].dropna()
         low, high = ax.get_ylim()
         if len(baseline) and low <= 100 * baseline.max() <= high:  # not when far below the data
@@ -111,7 +110,8 @@ def plot_scores(runs: pd.DataFrame, configs: Configs, out_dir: Path,
         metric = frame["metric"].dropna()
         ax.set_ylabel(f"test {metric.iloc[0] if len(metric) else 'score'} (x100)")
         ax.set_title(_title("test score over seeds", task, model, [len(g) for _, g in groups]))
-        fig.tight_layout()
+        lines = max((label.count("\n") + 1 for label in labels), default=1)
+        fixed_layout(fig, bottom=0.35 + LINE * lines)
         paths.append(_save(fig, out_dir, f"scores_{slug(task)}_{slug(model)}.png"))
     return paths
 
@@ -139,7 +139,7 @@ def plot_expected_max(table: pd.DataFrame, configs: Configs, out_dir: Path) -> l
         if legend:
             fig.legend(fontsize="x-small", loc="lower left", frameon=False)
         ax.set_title(_title("expected max dev", task, model, seeds))
-        fig.tight_layout(rect=(0, legend / (4.2 + legend), 1, 1))
+        fixed_layout(fig, bottom=legend + 0.6)
         paths.append(_save(fig, out_dir, f"expected_max_{slug(task)}_{slug(model)}.png"))
     return paths
 
@@ -249,7 +249,7 @@ def plot_dev_curves(runs: pd.DataFrame, configs: Configs, out_dir: Path
         axes[0].set_ylabel(f"dev {_metric(frame)} (x100)")
         _outcome_legend(axes[0], int((~frame["failure"]).sum()), int(frame["failure"].sum()))
         fig.suptitle(f"{title}: dev score per epoch (dashed: constant predictor)")
-        fig.tight_layout()
+        fixed_layout(fig, bottom=0.6, top=0.85, hspace=1.1)
         paths.append(_save(fig, out_dir, f"dev_curves_{stem}.png"))
     note = skipped if paths else "No run records a per-epoch dev history: no dev-curve plot."
     return paths, note
@@ -304,7 +304,8 @@ def plot_grad_norms(runs: pd.DataFrame, configs: Configs, out_dir: Path
         _outcome_legend(axes[0], int((~frame["failure"]).sum()), int(frame["failure"].sum()))
         fig.suptitle(f"{title}: gradient norm per part early in training "
                      "(thin: one run; thick: mean)")
-        fig.tight_layout()
+        ticks = 0.3 + 0.055 * max(len(p) for p in parts)  # x-small, turned by 60 degrees
+        fixed_layout(fig, bottom=ticks, top=0.85, hspace=ticks + 0.45)
         paths.append(_save(fig, out_dir, f"grad_norm_early_{stem}.png"))
     note = skipped if paths else (
         "No run records early gradient norms (diagnostics.grad_norm.early): no gradient plot.")
@@ -325,6 +326,28 @@ def _metric(frame: pd.DataFrame) -> str:
     return str(metric.iloc[0]) if len(metric) else "score"
 
 
+# A line of 10-point text, in inches (the tick labels' size; `small` is 0.83 of it).
+LINE = 0.17
+MIN_PANEL = 1.5  # inches
+
+
+def fixed_layout(fig: Figure, bottom: float, top: float = 0.4, left: float = 0.75,
+                 right: float = 0.2, hspace: float = 0.0, wspace: float = 0.3) -> None:
+    """Margins and the gaps between panels in inches, set once: `tight_layout` would draw the
+    figure a second time to measure its text, which for these plots doubles their cost. A
+    figure whose margins would leave a panel less than MIN_PANEL inches is made taller or
+    wider."""
+    rows, columns = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    width, height = fig.get_size_inches()
+    width = max(width, left + right + (columns - 1) * wspace + columns * MIN_PANEL)
+    height = max(height, top + bottom + (rows - 1) * hspace + rows * MIN_PANEL)
+    fig.set_size_inches(width, height)
+    panel_w = (width - left - right - (columns - 1) * wspace) / columns
+    panel_h = (height - top - bottom - (rows - 1) * hspace) / rows
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=wspace / panel_w, hspace=hspace / panel_h)
+
+
 def _figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
@@ -334,5 +357,6 @@ def _figure(size: tuple[float, float]) -> Figure:
 def _save(fig: Figure, out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / PLOT_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # zlib level 3: two thirds of the default's time for 5% more bytes (page.py re-encodes)
+    fig.savefig(path, dpi=120, pil_kwargs={"compress_level": 3})
     return path

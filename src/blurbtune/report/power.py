@@ -66,12 +66,17 @@ def mean_mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> f
     """
     if n < sample_size.TTEST_PAIRS or not sd > 0:
         return float("nan")
-    df = n - 1
+    return _t_noncentrality(n - 1, alpha, power) * sd / math.sqrt(n)
+
+
+@cache
+def _t_noncentrality(df: int, alpha: float, power: float) -> float:
+    """The noncentrality at which the two-sided t-test with `df` degrees of freedom has
+    `power`: it depends on the n alone, so a sweep solves it once per n, not per comparison."""
     high = stats.norm.isf(alpha / 2) + stats.norm.ppf(power)  # the normal approximation
     while t_power(high, df, alpha) < power:  # t needs more than the normal: widen
         high *= 2
-    nc = optimize.brentq(lambda nc: t_power(nc, df, alpha) - power, 0.0, high, xtol=1e-12)
-    return nc * sd / math.sqrt(n)
+    return optimize.brentq(lambda nc: t_power(nc, df, alpha) - power, 0.0, high, xtol=1e-12)
 
 
 def brown_forsythe_statistic(deviation_means: np.ndarray, deviation_ss: np.ndarray,
@@ -164,6 +169,7 @@ def fisher_power(rate: np.ndarray | float, rate_ref: float, n: int, n_ref: int,
     return outcome @ _fisher_rejects(n, n_ref, alpha) @ outcome_ref
 
 
+@cache
 def failure_mde(k_ref: int, n: int, n_ref: int, alpha: float = ALPHA, power: float = POWER
                 ) -> tuple[float, float]:
     """(decrease, increase): the failure-rate differences nearest 0 from `none`'s observed rate

@@ -11,7 +11,8 @@ import math
 from functools import cache
 
 import numpy as np
-from scipy import integrate, stats
+from scipy import integrate
+from scipy.special import ndtr
 
 # Scores are fractions (0-1): two differences or deviations closer than this are equal, and
 # what separates them is float rounding (0.80 - 0.75 != 0.75 - 0.70 in binary).
@@ -92,9 +93,12 @@ def _widest_std_factor(n: int) -> float:
     return math.sqrt(k * (n - k) / (n * (n - 1)))
 
 
+SQRT_2PI = math.sqrt(2 * math.pi)
+
+
 def _range_at_least(r: float, n: int) -> float:
     """P(range of n standard normals >= r) = 1 - n * ∫ φ(x) (Φ(x + r) - Φ(x))^(n-1) dx."""
-    def density(x: float) -> float:
-        return stats.norm.pdf(x) * (stats.norm.cdf(x + r) - stats.norm.cdf(x)) ** (n - 1)
+    def density(x: float) -> float:  # scipy.special's ndtr: stats.norm's cdf, a tenth the cost
+        return math.exp(-x * x / 2) / SQRT_2PI * (ndtr(x + r) - ndtr(x)) ** (n - 1)
 
     return 1 - n * integrate.quad(density, -np.inf, np.inf)[0]

@@ -40,6 +40,7 @@ from blurbtune.report.stats import (
     is_failure,
     pair_up,
     paired_test,
+    stat_columns,
 )
 
 BETTER, WORSE, SAME = "better", "worse", "no difference"
@@ -128,10 +129,10 @@ def verdict(words: dict[str, str]) -> str:
     return f"{head} ({'; '.join(detail)})" if detail else head
 
 
-def compare(group: pd.DataFrame, reference: pd.DataFrame, column: str = "test_best"
-            ) -> dict[str, Any]:
-    """The three comparisons of one configuration's runs with its `none` runs, and the verdict."""
-    pairs = pair_up(group, reference, column)
+def compare(group: pd.DataFrame, reference: pd.DataFrame, pairs: pd.DataFrame,
+            column: str = "test_best") -> dict[str, Any]:
+    """The three comparisons of one configuration's runs with its `none` runs (`pairs`: the two
+    side by side over their shared seeds, stats.pair_up), and the verdict."""
     mean = paired_test(pairs[column].to_numpy(), pairs[f"{column}_ref"].to_numpy())
     spread = spread_test(completed(group)[column].to_numpy(),
                          completed(reference)[column].to_numpy())
@@ -172,14 +173,17 @@ VERDICT_COLUMNS = [
 def verdicts(runs: pd.DataFrame, configs: Configs, column: str = "test_best") -> pd.DataFrame:
     """One row per comparison (each stabilizer configuration against its `none`), and one per
     configuration of another stabilizer that has no `none` to compare with, saying so."""
+    runs = stat_columns(runs, column)
     groups = dict(list(runs.groupby(GROUP, sort=False)))
     compared = dict(comparisons(configs, runs))
+    paired = pair_up(runs, compared, column)
     rows = []
     for config in configs.table.index:
         if config in compared:
             rows.append({GROUP: config, "ref_config": compared[config],
                          "reference_lr": configs.table.loc[config].get("reference_lr")}
-                        | compare(groups[config], groups[compared[config]], column))
+                        | compare(groups[config], groups[compared[config]], paired[config],
+                                  column))
         elif config in groups and configs.table.loc[config, "stabilizer"] != REFERENCE_STABILIZER:
             rows.append({GROUP: config, "ref_config": None,
                          "verdict": not_compared(configs.reference_lr)})

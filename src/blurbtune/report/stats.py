@@ -43,6 +43,17 @@ PUBLISHED_ALIASES = {
 }
 
 
+# The columns the per-configuration statistics read: a run table cut to them before it is
+# split by configuration, so that each split and filter copies a dozen columns, not a hundred.
+STAT_COLUMNS = [GROUP, *PAIR_KEYS, "status", "test_best", "test_last", "dev_best",
+                "baseline_test", "collapsed_test", "task_type", "metric"]
+
+
+def stat_columns(runs: pd.DataFrame, *more: str) -> pd.DataFrame:
+    """`runs` with only STAT_COLUMNS (those it has) and `more`."""
+    return runs[[c for c in dict.fromkeys([*STAT_COLUMNS, *more]) if c in runs.columns]]
+
+
 def completed(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that finished."""
     return runs[runs["status"] == "completed"]
@@ -194,6 +205,7 @@ def summarize_group(group: pd.DataFrame) -> dict[str, Any]:
 
 def summarize(runs: pd.DataFrame, configs: Configs) -> pd.DataFrame:
     """One row per configuration with run counts and score statistics, in the configs' order."""
+    runs = stat_columns(runs)
     groups = dict(list(runs.groupby(GROUP, sort=False)))
     rows = [{GROUP: c} | summarize_group(groups[c]) for c in configs.table.index if c in groups]
     if not rows:  # every configuration left out: the columns still say what there would be
@@ -307,14 +319,20 @@ def comparisons(configs: Configs, runs: pd.DataFrame) -> list[tuple[str, str]]:
             if ref is not None and pd.notna(ref) and config in present and ref in present]
 
 
-def pair_up(group: pd.DataFrame, reference: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The completed runs of two configurations side by side over their shared seeds (the seeds,
-    `column` and `<column>_ref`)."""
-    def scores(runs: pd.DataFrame) -> pd.DataFrame:
-        return completed(runs)[[*PAIR_KEYS, column]].dropna(subset=[column])
-
-    return pd.merge(scores(group), scores(reference), on=PAIR_KEYS,
-                    suffixes=("", "_ref")).sort_values(PAIR_KEYS)
+def pair_up(runs: pd.DataFrame, compared: dict[str, str], column: str
+            ) -> dict[str, pd.DataFrame]:
+    """Per configuration in `compared` (config -> its reference config): its completed runs and
+    its reference's side by side over their shared seeds (the seeds, `column` and
+    `<column>_ref`, in seed order). One merge for every comparison of the sweep."""
+    done = completed(runs)[[GROUP, *PAIR_KEYS, column]].dropna(subset=[column])
+    treated = done[done[GROUP].isin(compared)]
+    treated = treated.assign(_ref=treated[GROUP].map(compared))
+    reference = done.rename(columns={GROUP: "_ref", column: f"{column}_ref"})
+    pairs = pd.merge(treated, reference, on=["_ref", *PAIR_KEYS]).sort_values(
+        [GROUP, *PAIR_KEYS])
+    groups = dict(list(pairs.drop(columns="_ref").groupby(GROUP, sort=False)))
+    empty = pairs.iloc[:0].drop(columns="_ref")
+    return {config: groups.get(config, empty).drop(columns=GROUP) for config in compared}
 
 
 def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test_best"
@@ -326,9 +344,10 @@ def paired_comparisons(runs: pd.DataFrame, configs: Configs, column: str = "test
     one is not compared.
     """
     rows = []
-    groups = dict(list(runs.groupby(GROUP, sort=False)))
-    for config, ref in comparisons(configs, runs):
-        pairs = pair_up(groups[config], groups[ref], column)
+    compared = dict(comparisons(configs, runs))
+    paired = pair_up(runs, compared, column)
+    for config, ref in compared.items():
+        pairs = paired[config]
         result = paired_test(pairs[column].to_numpy(), pairs[f"{column}_ref"].to_numpy())
         rows.append({GROUP: config, "ref_config": ref} | result
                     | {"seeds": " ".join(str(_as_int(s)) for s in pairs["seed"])})
