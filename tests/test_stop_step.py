@@ -196,3 +196,83 @@ def test_a_stop_in_the_first_step_after_an_epoch_end_checkpoint_writes_nothing(
     assert (saved["global_step"], saved["blurbtune_resume"]["batches_done"]) == (4, 0)
     run(cfg)
     _assert_same_run(tmp_path, uninterrupted)
+
+
+# ---------------------------------------------------------------- a parallel sweep's worker
+
+ROOT = Path(__file__).resolve().parents[1]
+# In every process of the sweep (a sitecustomize on PYTHONPATH): the second epoch's second step
+# leaves a marker and sleeps inside its forward pass, long enough that only a stop that drops
+# the step ends it in time.
+SLOW_STEP = '''
+import os, time
+if os.environ.get("SLOW_STEP"):
+    from blurbtune import module
+    real_forward = module.FineTuner.forward
+    def forward(self, batch):
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        if self.training and self.current_epoch == 1 and progress.completed == 1:
+            open(os.environ["SLOW_STEP"], "w").close()
+            time.sleep(600)
+        return real_forward(self, batch)
+    module.FineTuner.forward = forward
+'''
+
+
+@pytest.mark.slow
+def test_a_parallel_sweeps_worker_drops_the_step_under_way(tmp_path):
+    """One stacked job on two workers (the loky path of stopping.py): SIGTERM to the sweep
+    while a worker's step is in its forward pass; the worker drops the step, checkpoints the
+    stack as of the 5 steps completed and the sweep exits 143; the rerun resumes each run to
+    the end, equal to the sweep that was never stopped."""
+    import subprocess
+    import sys
+    import time
+
+    from tiny_runs import FIXTURES
+
+    grid = ["trainer.max_epochs=3", "trainer.limit_train_batches=null", "seed=0,1",
+            "hydra/sweeper=stacked", "hydra.sweeper.size=2", "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2"]
+    site, marker = tmp_path / "site", tmp_path / "in-step"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_STEP)
+    env = {**os.environ, "BLURB_DATA_DIR": str(FIXTURES), "OMP_NUM_THREADS": "1",
+           "BLURBTUNE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)])}
+
+    def sweep(folder: Path, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", *grid,
+             f"hydra.sweep.dir={folder}"], cwd=tmp_path, env={**env, **extra},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)  # its own group: the sweep's processes alone
+
+    reference = sweep(tmp_path / "reference")
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
+    stopped = tmp_path / "sweep"
+    parent = sweep(stopped, SLOW_STEP=str(marker))
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stdout.read()
+            time.sleep(0.1)
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(timeout=120)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    log = parent.stdout.read()
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    runs = sorted(p.parent for p in stopped.glob("*/results.json"))
+    assert len(runs) == 2
+    for run_dir in runs:
+        assert _results(run_dir)["status"] == "interrupted"
+        saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert (saved["global_step"], saved["blurbtune_resume"]["batches_done"]) == (5, 1)
+
+    rerun = sweep(stopped)
+    assert rerun.wait(timeout=600) == 0, rerun.stdout.read()[-3000:]
+    for run_dir in runs:
+        _assert_same_run(run_dir, tmp_path / "reference" / run_dir.name)
