@@ -229,9 +229,11 @@ class Resumable(pl.Callback):
                 clock() - self._last):
             self._save(trainer, batches_done=done)
         # A stop may drop this step when it can save the state before it (mid-epoch), or
-        # when that state needs no saving: on disk already, or nothing trained yet.
+        # when that state needs no saving: on disk already, or nothing trained yet. Not under
+        # DDP: a rank that dropped its step would leave the others waiting in its all-reduce.
         here = (trainer.current_epoch, done)
-        if done > 0 or trainer.global_step == 0 or self._on_disk == here:
+        if trainer.world_size == 1 and (
+                done > 0 or trainer.global_step == 0 or self._on_disk == here):
             self._step_start = _rng_states(pl_module)
             self._in_step = True
             if trainer.received_sigterm:  # it came between the steps
