@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.serialization as serialization
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -132,11 +133,17 @@ def merge_checkpoints(checkpoints: list[dict], stacked: set[str], device_type: s
 
 
 def write_atomic(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file, then a rename: the file is whole or absent."""
+    """`torch.save` to a temporary file, then a rename: the file is whole or absent.
+
+    Without the zip format's CRC-32 of each tensor: `torch.load` never checks it, and
+    computing it took a quarter of a stack's stop (1.8 of 7.9 s for 3.6 GB on a 2-core CPU).
+    Not fsynced: a stopped process's file is in the page cache when it exits (what a node
+    failure just after would lose, fsync would keep, at the disk's speed instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with writing(path):  # torch's zip writer says a full disk as a RuntimeError
+        # torch's zip writer says a full disk as a RuntimeError
+        with writing(path), serialization.config.patch({"save.compute_crc32": False}):
             torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:  # a full disk: no half-written file left to keep it full
