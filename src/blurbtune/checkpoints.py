@@ -68,6 +68,16 @@ def own(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a tensor whose storage is exactly its own elements, sharing them (no copy) on the
+    CPU: `torch.save` writes a tensor's whole storage, which for a member's slice of a stack
+    is the stack's. For a write that ends before anything changes `t` (a stop's); else `own`."""
+    if t.device.type != "cpu":
+        return own(t)
+    flat = t.detach().reshape(-1).view(torch.uint8).numpy()
+    return torch.from_numpy(flat).view(t.dtype).view(t.shape)
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of `tensors`, in name order."""
     digest = hashlib.sha256()
@@ -182,7 +192,7 @@ class RunCheckpointIO(CheckpointIO):
             write_atomic(checkpoint, Path(path))  # a user's own (ModelCheckpoint): as it is
             return
         start = time.perf_counter()
-        files = self.member_files(checkpoint)
+        files = self.member_files(checkpoint, copy=self.background)
         if not self.background:
             for folder, last, best in files:  # one member's copy in memory at a time
                 self._write(folder, last, best)
@@ -231,9 +241,11 @@ class RunCheckpointIO(CheckpointIO):
 
     # the files of each run
 
-    def member_files(self, checkpoint: dict) -> Iterator[tuple[Path, dict, dict | None]]:
+    def member_files(self, checkpoint: dict, copy: bool = True
+                     ) -> Iterator[tuple[Path, dict, dict | None]]:
         """Per run: (folder, its `last.ckpt`, its best weights when they are not on disk yet),
-        every tensor its own host copy, frozen tensors left out."""
+        every tensor its own host copy (`copy`; else its own elements, see `alias`), frozen
+        tensors left out."""
         frozen = self.frozen()
         members = [0] if self.stacked is None else self.alive()
         for k in members:  # a diverged member's result is final: nothing to resume
@@ -248,7 +260,7 @@ class RunCheckpointIO(CheckpointIO):
             last = {**member, "blurbtune": own_state, "blurbtune_frozen": record,
                     "state_dict": {key: t for key, t in member["state_dict"].items()
                                    if key not in frozen}}
-            last = apply_to_collection(last, torch.Tensor, own)
+            last = apply_to_collection(last, torch.Tensor, own if copy else alias)
             # The previous write has ended (`wait`): the folder says what is on disk.
             new_best = None
             if best is not None and not (
