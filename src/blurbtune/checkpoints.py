@@ -146,7 +146,7 @@ def write_atomic(obj: Any, path: Path) -> None:
     """`torch.save` to a temporary file, then a rename: the file is whole or absent.
 
     Without the zip format's CRC-32 of each tensor: `torch.load` never checks it, and
-    computing it took a quarter of a stack's stop (1.8 of 7.9 s for 3.6 GB on a 2-core CPU).
+    computing it took a quarter of a stack's stop's write (1.8 of 7.9 s for 3.6 GB, 2 cores).
     Not fsynced: a stopped process's file is in the page cache when it exits (what a node
     failure just after would lose, fsync would keep, at the disk's speed instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
