@@ -68,7 +68,8 @@ def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str]
     proc.send_signal(signal.SIGTERM)
     code = proc.wait()
     seconds = time.perf_counter() - signalled
-    # The batch under way when the signal came ends (the probe writes), then the stop writes.
+    # From the last batch completed (the probe's last write) to exit: the stop, after the
+    # batch under way where the code waits for it (fa33008 and before; later code drops it).
     after_batch = time.time() - progress.stat().st_mtime
     files = [p for p in work.rglob("checkpoints/*") if p.is_file()]  # members' own folders
     written = sum(p.stat().st_size for p in files)

@@ -136,6 +136,18 @@ class EpochMeans:
         return means
 
 
+def count_losses(members: list[Member], epoch_losses: EpochMeans | None,
+                 losses: torch.Tensor, kept: torch.Tensor, rows: int) -> None:
+    """Add a step's training losses (one a member; `kept`: the members counted, each batch
+    `rows` long) to the members' records. Called once the step's backward pass is done: a stop
+    during the step drops it, and then the records must not hold it."""
+    if epoch_losses is not None:
+        epoch_losses.add(losses.float(), kept, rows)
+    for k in kept.nonzero().flatten().tolist():
+        members[k].loss_sum = members[k].loss_sum + losses[k]
+        members[k].loss_n += 1
+
+
 class FineTuner(pl.LightningModule):
     """Fine-tunes `model`; evaluation gathers row outputs and scores whole splits.
 
@@ -165,6 +177,7 @@ class FineTuner(pl.LightningModule):
         self._parts: dict[str, list] = {}
         self._top_group: int | None = None  # optimizer group of the top encoder layer
         self._epoch_losses = EpochMeans()  # a stack's members' training losses this epoch
+        self._step_losses: tuple | None = None  # (losses, members counted, rows) of the step
 
     # A single run's record, as attributes (a stack's are in self.members).
     @property
@@ -203,9 +216,7 @@ class FineTuner(pl.LightningModule):
             raise DivergedError(f"training loss became {loss.item()} at {self._when()}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["input_ids"].shape[0])
-        member = self.members[0]
-        member.loss_sum = member.loss_sum + loss.detach()
-        member.loss_n += 1
+        self._step_losses = (loss.detach()[None], torch.ones(1, dtype=torch.bool), 1)
         return loss
 
     def _stack_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -221,14 +232,10 @@ class FineTuner(pl.LightningModule):
         rows = batch["input_ids"].shape[1]
         kept = torch.zeros_like(finite)
         kept[alive] = True
-        self._epoch_losses.add(losses.detach().float(), kept, rows)
+        self._step_losses = (losses.detach(), kept, rows)
         if self.trainer._logger_connector.should_update_logs:  # a self.log is ~1 ms of Python
             for k in alive:
                 self.log(f"m{k}/train/loss_step", losses[k], on_step=True, on_epoch=False)
-        for k in alive:
-            member = self.members[k]
-            member.loss_sum = member.loss_sum + losses[k].detach()
-            member.loss_n += 1
         self.log("train/loss", losses[alive].mean(), prog_bar=True, on_step=True,
                  on_epoch=False, logger=False, batch_size=rows)
         return torch.where(kept, losses, torch.zeros_like(losses)).sum()
@@ -253,6 +260,8 @@ class FineTuner(pl.LightningModule):
             if name in self.stack.stacked and p.requires_grad}
 
     def on_after_backward(self) -> None:
+        count_losses(self.members, self._epoch_losses if self.stack else None,
+                     *self._step_losses)
         if self.stack is None or len(self.alive()) == self.size:
             return
         for k, member in enumerate(self.members):  # no NaN reaches clipping or a scaler

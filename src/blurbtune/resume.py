@@ -13,6 +13,13 @@ end while writing a checkpoint takes no longer than an epoch, else every 30 minu
 within an epoch longer than 30 minutes, every 30 minutes. Checkpoints during training are
 written in the background (`RunCheckpointIO.background`); the one written when a run is
 stopped is waited for.
+
+A stop (SIGTERM, a first Ctrl-C) does not wait for the training step under way: during its
+forward and backward passes (`StepStopped`) the step is dropped, and the run saves the state
+as of the last completed step, with the loop position that makes the rerun repeat the dropped
+batch. The optimizer and scheduler steps, and everything after them, are not interrupted: a
+stop that arrives there ends training once the step is complete. A stop writes nothing when the
+checkpoint on disk already holds the state it would save.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from blurbtune import stopping
 from blurbtune.checkpoints import FOLDER, LAST, RunCheckpointIO, best_file, load, remove
@@ -101,6 +109,18 @@ def set_aside(run_dir: Path, names: tuple[str, ...] = ("checkpoints", "results.j
 
 
 
+class StepStopped(SIGTERMException):
+    """A stop that arrived during a training step's forward or backward pass: the step is
+    dropped and the run stops as of the last completed one (Lightning handles it as its own
+    SIGTERM stop)."""
+
+
+def _let_signals_in(param: Any) -> None:
+    """A gradient hook that does nothing: a Python call between the backward pass's kernels,
+    where a pending signal's handler can run (handlers run only between Python bytecodes, and
+    on the CPU the backward pass is otherwise one long call)."""
+
+
 @dataclass
 class Schedule:
     """When to checkpoint during training, from `checkpoint_every` (see the module's
@@ -125,8 +145,9 @@ class Resumable(pl.Callback):
     """Saves `checkpoints/last.ckpt` as `checkpoint_every` says (at an epoch's end after its dev
     evaluation, or between batches) and when interrupted; keeps each run's record in it.
 
-    SIGTERM (Lightning's handler) and SIGINT (ours: a first Ctrl-C stops after the current
-    batch, a second one aborts at once) end training after a complete batch; the state is then
+    SIGTERM (Lightning's handler) and SIGINT (ours: a first Ctrl-C stops, a second one aborts at
+    once) stop training: at once during a step's forward and backward passes (the step is
+    dropped, see the module's docstring), else after the step under way. The state is then
     saved unless the run was validating, in which case the latest checkpoint stands.
     """
 
@@ -140,6 +161,11 @@ class Resumable(pl.Callback):
         self._last = self._epoch_start = clock()
         self._previous_sigint: Any = None
         self._sigints = 0
+        # (epoch, batches done) where the checkpoint on disk resumes; None: none yet
+        self._on_disk: tuple[int, int] | None = None
+        self._in_step = False  # in a step's forward or backward pass, which a stop drops
+        self._step_start: dict | None = None  # the RNG states as that step started
+        self._hooks: list[Any] = []
 
     def _save(self, trainer: pl.Trainer, batches_done: int = 0,
               background: bool = True) -> None:
@@ -148,12 +174,15 @@ class Resumable(pl.Callback):
         # The full state, to resume from (rank 0 only under DDP).
         trainer.save_checkpoint(self.path, weights_only=False)
         self._last = clock()
+        self._on_disk = (trainer.current_epoch + (not batches_done), batches_done)
         if not background:
             self.io.wait()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:
-        checkpoint["blurbtune_resume"] = {"rng": rng_state(), "epoch": trainer.current_epoch,
+        # A step dropped by a stop had drawn random numbers: the state as it started is saved.
+        start = self._step_start if self._step_start is not None else _rng_states(pl_module)
+        checkpoint["blurbtune_resume"] = {"rng": start["rng"], "epoch": trainer.current_epoch,
                                           "batches_done": self._batches_done}
         records = [{**m.state_dict(), "trained_epoch": pl_module.trained_epoch}
                    for m in pl_module.members]
@@ -161,8 +190,7 @@ class Resumable(pl.Callback):
             checkpoint["blurbtune"] = records[0]
         else:
             checkpoint["blurbtune_members"] = records
-            checkpoint["blurbtune_generators"] = pl_module.stack.generator_states(
-                pl_module.device)
+            checkpoint["blurbtune_generators"] = start["generators"]
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict) -> None:
@@ -175,6 +203,7 @@ class Resumable(pl.Callback):
         state = checkpoint["blurbtune_resume"]
         set_rng_state(state["rng"])
         done = state["batches_done"]
+        self._on_disk = (state["epoch"] + (not done), done)
         if done:
             self.datamodule.resume_at(done)
         # We replay the order ourselves, so Lightning's warning about mid-epoch resume is moot.
@@ -199,6 +228,31 @@ class Resumable(pl.Callback):
         if 0 < done < trainer.num_training_batches and self.schedule.mid_epoch(
                 clock() - self._last):
             self._save(trainer, batches_done=done)
+        # A stop may drop this step when it can save the state before it (mid-epoch), or
+        # when that state needs no saving: on disk already, or nothing trained yet. Not under
+        # DDP: a rank that dropped its step would leave the others waiting in its all-reduce.
+        here = (trainer.current_epoch, done)
+        if trainer.world_size == 1 and (
+                done > 0 or trainer.global_step == 0 or self._on_disk == here):
+            self._step_start = _rng_states(pl_module)
+            self._in_step = True
+            if trainer.received_sigterm:  # it came between the steps
+                self._drop_step()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._in_step = False  # the module's own hook then records the step's losses
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any,
+                                 optimizer: Any) -> None:
+        self._in_step = False  # (a step without a backward pass)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self._step_start = None
+
+    def _drop_step(self) -> None:
+        self._in_step = False
+        raise StepStopped
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the dev evaluation, where Lightning's ModelCheckpoint saves.
@@ -213,30 +267,56 @@ class Resumable(pl.Callback):
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint(trainer))
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning's SIGTERM handler is set (it restores the handlers it found after
+        # fit): each stop signal's handler, then the step under way is dropped if it can be.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._dropping(trainer, signal.getsignal(signum)))
+        if pl_module.device.type == "cpu":  # on a GPU the backward pass runs in other threads
+            self._hooks = [p.register_post_accumulate_grad_hook(_let_signals_in)
+                           for p in pl_module.parameters() if p.requires_grad]
+
+    def _dropping(self, trainer: pl.Trainer, previous: Any) -> Any:
+        def handler(signum: int, frame: Any) -> None:
+            if callable(previous):
+                previous(signum, frame)
+            if self._in_step and trainer.received_sigterm:
+                self._drop_step()
+
+        return handler
+
     def _on_sigint(self, trainer: pl.Trainer) -> Any:
         def handler(signum: int, frame: Any) -> None:
             self._sigints += 1
             if self._sigints > 1:  # not received_sigterm: a stopping sweep also sends SIGTERM
                 raise KeyboardInterrupt
-            log.warning("interrupted: stopping after this batch (Ctrl-C again to abort now)")
+            log.warning("interrupted: stopping (Ctrl-C again to abort now)")
             trainer._signal_connector.received_sigterm = True
 
         return handler
 
-    def _restore_sigint(self) -> None:
+    def _end_training(self) -> None:
+        self._in_step = False
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_sigint()
+        self._end_training()
         self.io.wait()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._restore_sigint()
+        self._end_training()
+        if isinstance(exception, StepStopped):
+            pl_module.zero_grad(set_to_none=True)  # the dropped step's partial gradients
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if trainer.received_sigterm and 0 < done < trainer.num_training_batches \
+                and (trainer.current_epoch, done) != self._on_disk \
                 and not self._validating \
                 and not stopping.aborting():  # a second signal: stop now, no checkpoint
             self._save(trainer, batches_done=done, background=False)
@@ -247,3 +327,10 @@ class Resumable(pl.Callback):
                 self.io.wait()  # what a background write had under way, kept
             except Exception as e:  # noqa: BLE001 - the exception that stopped the run comes first
                 log.warning("the checkpoint being written when the run stopped failed: %s", e)
+
+
+def _rng_states(pl_module: Any) -> dict:
+    """The random states a checkpoint keeps: the process's, and a stack's members'."""
+    stack = pl_module.stack
+    return {"rng": rng_state(),
+            "generators": stack.generator_states(pl_module.device) if stack else None}

@@ -3,8 +3,9 @@
 With `hydra/launcher=parallel` the runs train in joblib (loky) worker processes. Left alone, a
 signal to the launching process kills it and nothing else: its workers train on, orphaned. Here
 the launching process forwards the signal to its workers and waits for them; each worker's
-running run stops after its batch, checkpoints and records `interrupted` (Lightning's SIGTERM
-handling, see `resume.Resumable`), and the runs not yet started are not started. The command
+running run stops as a single run does (the step under way dropped, or completed where it
+cannot be: `resume.Resumable`), checkpoints and records `interrupted`, and the runs not yet
+started are not started. The command
 then exits with 128 + the signal's number; the same command again resumes.
 
 Every worker handles the signal from the moment it starts (an initializer of the pool, which is
@@ -114,8 +115,8 @@ def _on_launcher_signal(signum: int, frame: Any) -> None:
     workers = _forward()
     if not workers:  # no run under way (the pool is not up yet, or the sweep is over)
         raise SystemExit(128 + signum)
-    log.warning("%s: stopping the sweep; %d worker(s) stop their runs after the current batch "
-                "and checkpoint, runs not started are skipped (send it again to abort at once)",
+    log.warning("%s: stopping the sweep; %d worker(s) stop their runs and checkpoint, runs "
+                "not started are skipped (send it again to abort at once)",
                 name, workers)
 
 
@@ -130,7 +131,8 @@ def _forward() -> int:
 
 def _on_worker_signal(signum: int, frame: Any) -> None:
     # Lightning's own SIGTERM handler runs beside this one while a run trains (it chains to it)
-    # and stops training after the batch; outside training, the run stops at its next check.
+    # and stops the run's training (resume.Resumable); outside training, it stops at its next
+    # check.
     global _aborting
     if _requested is None:
         request(signum)
