@@ -41,13 +41,16 @@ def _progress(path: Path) -> tuple[int, int]:
         return -1, -1
 
 
-def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str]) -> dict:
-    """One run of `tree`'s train.py stopped by SIGTERM mid-epoch 1: seconds and bytes."""
+def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str],
+              resume: bool = False) -> dict:
+    """One run of `tree`'s train.py stopped by SIGTERM mid-epoch 1: seconds and bytes; with
+    `resume`, the same command again to its end: its exit, seconds and the runs' statuses."""
     run_dir = work / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     progress = work / "progress"
-    env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{Path(__file__).parent}",
+    paths = [str(tree / "src"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
            "BENCH_PROGRESS": str(progress), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "train.py", "model=minilm", "task=biosses", f"data_dir={data}",
@@ -79,6 +82,14 @@ def stop_once(tree: Path, data: Path, work: Path, members: int, extra: list[str]
               "per_member_last_ckpt_bytes": sorted({p.stat().st_size for p in files
                                                     if p.name == "last.ckpt"}),
               "trained_before_signal_s": round(trained, 1), "stopped_at": _progress(progress)}
+    if resume:
+        started = time.perf_counter()
+        with (work / "resume.txt").open("w") as again:
+            code = subprocess.run(command, cwd=tree, env=env, stdout=again,
+                                  stderr=subprocess.STDOUT).returncode
+        statuses = [json.loads(r.read_text()).get("status") for r in work.rglob("results.json")]
+        result["resume"] = {"exit": code, "seconds": round(time.perf_counter() - started, 1),
+                            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}}
     for folder in work.iterdir():  # the members' folders (beside run/) go; the log stays
         if folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
@@ -92,6 +103,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/blurb"))
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-stop"))
+    parser.add_argument("--resume", action="store_true",
+                        help="then run the same command again to its end (the stopped runs "
+                             "resume) and report its exit and the runs' statuses")
     parser.add_argument("extra", nargs="*", help="more overrides for train.py")
     args = parser.parse_args()
     load = os.getloadavg()
@@ -99,7 +113,7 @@ def main() -> None:
                       "cpus": os.cpu_count()}))
     for i, tree in enumerate(args.tree):
         result = stop_once(tree.resolve(), args.data.resolve(), args.work / str(i),
-                           args.members, args.extra)
+                           args.members, args.extra, args.resume)
         print(json.dumps(result), flush=True)
 
 
