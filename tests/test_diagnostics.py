@@ -76,6 +76,19 @@ def test_gradient_stats_resume_from_state() -> None:
     assert second.summary() == whole.summary()
 
 
+def test_gradient_stats_resumed_from_host_tensors_sum_on_the_training_device() -> None:
+    """A checkpoint's records are read into host memory; a GPU run's norms then come from the
+    GPU (on an H200 every resumed run failed at its first step: "found at least two devices,
+    cuda:0 and cpu"). The meta device stands in for the GPU on a machine without one."""
+    first = GradientStats(["a", "b"], early_steps=2, clip_threshold=2.5)
+    first.update(torch.tensor([1.0, 2.0, 3.0]))
+    second = GradientStats(["a", "b"], early_steps=2, clip_threshold=2.5)
+    second.load_state_dict(first.state_dict())
+    second.update(torch.tensor([1.0, 2.0, 3.0], device="meta"))
+    assert all(total.device.type == "meta" for total in second.sums.values())
+    assert second.steps == 2
+
+
 @needs_fixtures
 def test_run_records_history_and_gradient_summary(tmp_path) -> None:
     from blurbtune.run import run

@@ -85,8 +85,9 @@ class GradientStats:
         for window in ("early", "whole"):
             if window == "early" and self.steps >= self.early_steps:
                 continue
-            current = self.sums[window]
-            self.sums[window] = norms.clone() if current is None else current + norms
+            current = self.sums[window]  # from a checkpoint: in host memory
+            self.sums[window] = norms.clone() if current is None \
+                else current.to(norms.device) + norms
         if self.clip_threshold is not None:
             self.clipped = self.clipped + (norms[-1] > self.clip_threshold).long()
         self.steps += 1
