@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import needs_fixtures, prediction_bytes, tiny_config
+from tiny_runs import assert_same_run, needs_fixtures, run_results, tiny_config
 
 from blurbtune.module import FineTuner
 from blurbtune.run import run
@@ -21,7 +20,6 @@ pytestmark = needs_fixtures
 # 16 train examples in batches of 4: 4 batches an epoch; interrupt in the middle of epoch 2.
 OVERRIDES = ("trainer.max_epochs=3",)
 STOP_EPOCH, STOP_BATCH = 1, 1
-COMPARED = ("dev", "test", "history", "best_epoch", "epochs_run", "collapsed")
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +42,6 @@ def _interrupt_with(monkeypatch, action):
     monkeypatch.setattr(FineTuner, "on_train_batch_end", on_train_batch_end)
 
 
-def _results(folder):
-    return json.loads((folder / "results.json").read_text())
-
-
-def _assert_same_run(resumed, uninterrupted):
-    a, b = _results(resumed), _results(uninterrupted)
-    assert a["status"] == "completed"
-    assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
-    assert prediction_bytes(resumed) == prediction_bytes(uninterrupted)
-
-
 def _sigterm():
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -71,13 +58,13 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_the_rerun_resumes_exactly(
         with pytest.raises(SystemExit) as stopped:
             run(cfg)
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert _results(tmp_path)["status"] == "interrupted"
+    assert run_results(tmp_path)["status"] == "interrupted"
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["blurbtune_resume"]["batches_done"] == STOP_BATCH + 1  # mid-epoch position
 
     run(cfg)  # the same command again: resumes without being told where from
-    assert _results(tmp_path)["resumed_from"].endswith("last.ckpt")
-    _assert_same_run(tmp_path, uninterrupted)
+    assert run_results(tmp_path)["resumed_from"].endswith("last.ckpt")
+    assert_same_run(tmp_path, uninterrupted)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -88,22 +75,22 @@ def test_a_crash_resumes_from_the_last_epoch_end_checkpoint(
         _interrupt_with(m, _crash)
         with pytest.raises(RuntimeError, match="node lost"):
             run(cfg)
-    assert _results(tmp_path)["status"] == "failed"
+    assert run_results(tmp_path)["status"] == "failed"
     run(cfg)
-    assert _results(tmp_path)["resumed_from"]
-    _assert_same_run(tmp_path, uninterrupted)
+    assert run_results(tmp_path)["resumed_from"]
+    assert_same_run(tmp_path, uninterrupted)
 
 
 def test_the_uninterrupted_run_does_change_between_epochs(uninterrupted):
     """Resume equality means something: training moves the predictions epoch to epoch."""
-    history = [h["dev"] for h in _results(uninterrupted)["history"]]
+    history = [h["dev"] for h in run_results(uninterrupted)["history"]]
     assert len(history) == 3 and len(set(history)) > 1
 
 
 def test_keep_checkpoints_keeps_the_last_checkpoint(tmp_path, cache):
     run(tiny_config(tmp_path, cache, "keep_checkpoints=true"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert _results(tmp_path)["resumed_from"] is None
+    assert run_results(tmp_path)["resumed_from"] is None
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +114,9 @@ def test_a_lora_run_interrupted_mid_epoch_resumes_exactly(
     assert saved["blurbtune_resume"]["batches_done"] == STOP_BATCH + 1
 
     run(cfg)
-    assert _results(tmp_path)["resumed_from"].endswith("last.ckpt")
-    _assert_same_run(tmp_path, uninterrupted_lora)
-    history = [h["dev"] for h in _results(uninterrupted_lora)["history"]]
+    assert run_results(tmp_path)["resumed_from"].endswith("last.ckpt")
+    assert_same_run(tmp_path, uninterrupted_lora)
+    history = [h["dev"] for h in run_results(uninterrupted_lora)["history"]]
     assert len(set(history)) > 1  # the adapters did train: equality means something
 
 
@@ -191,10 +178,10 @@ def test_a_sigkill_loses_only_the_time_since_the_timed_checkpoint(tmp_path, cach
     killed = subprocess.run([sys.executable, str(script), str(out), str(cache), *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert _results(out)["status"] == "running"  # nothing recorded the kill
+    assert run_results(out)["status"] == "running"  # nothing recorded the kill
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert (saved["epoch"], saved["blurbtune_resume"]["batches_done"]) == (1, 2)
 
     run(tiny_config(out, cache, *overrides))
-    assert _results(out)["resumed_from"].endswith("last.ckpt")
-    _assert_same_run(out, uninterrupted)
+    assert run_results(out)["resumed_from"].endswith("last.ckpt")
+    assert_same_run(out, uninterrupted)

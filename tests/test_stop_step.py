@@ -7,7 +7,6 @@ the last checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import needs_fixtures, prediction_bytes, tiny_config
+from test_resume import OVERRIDES
+from tiny_runs import assert_same_run, needs_fixtures, run_results, tiny_config
 
 from blurbtune import checkpoints
 from blurbtune.module import FineTuner
@@ -25,11 +25,9 @@ pytestmark = needs_fixtures
 
 # 16 train examples in batches of 4: 4 batches an epoch. The signal comes during the third
 # step of the second epoch, after 4 + 2 completed steps.
-OVERRIDES = ("trainer.max_epochs=3",)
 STACK = ("task=hoc", "trainer.max_epochs=3", "optimizer.lr=1e-3", "stack=[0,1]")
 STOP_EPOCH, STOP_BATCH = 1, 2
 STEPS_BEFORE = 4 * STOP_EPOCH + STOP_BATCH
-COMPARED = ("dev", "test", "history", "best_epoch", "epochs_run", "collapsed")
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +86,9 @@ def _signal_during(monkeypatch, where: str, epoch: int = STOP_EPOCH,
     return steps
 
 
-def _results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
-
-
 def _assert_same_run(resumed: Path, uninterrupted: Path) -> None:
-    a, b = _results(resumed), _results(uninterrupted)
-    assert a["status"] == "completed" and a["resumed_from"]
-    assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
-    assert prediction_bytes(resumed) == prediction_bytes(uninterrupted)
+    assert run_results(resumed)["resumed_from"]
+    assert_same_run(resumed, uninterrupted)
 
 
 def _stopped(cfg, monkeypatch, where: str, **at) -> list[int]:
@@ -114,7 +106,7 @@ def test_a_stop_during_a_step_drops_it_and_the_rerun_ends_as_the_uninterrupted_r
     cfg = tiny_config(tmp_path, cache, *OVERRIDES)
     steps = _stopped(cfg, monkeypatch, where)
     assert len(steps) == STEPS_BEFORE  # the step under way was not taken
-    assert _results(tmp_path)["status"] == "interrupted"
+    assert run_results(tmp_path)["status"] == "interrupted"
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == STEPS_BEFORE
     assert saved["blurbtune_resume"]["batches_done"] == STOP_BATCH  # the dropped one again
@@ -268,7 +260,7 @@ def test_a_parallel_sweeps_worker_drops_the_step_under_way(tmp_path):
     runs = sorted(p.parent for p in stopped.glob("*/results.json"))
     assert len(runs) == 2
     for run_dir in runs:
-        assert _results(run_dir)["status"] == "interrupted"
+        assert run_results(run_dir)["status"] == "interrupted"
         saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert (saved["global_step"], saved["blurbtune_resume"]["batches_done"]) == (5, 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -46,3 +47,19 @@ def copy_task_folder(src_folder: str, dest_root: Path, replace: dict[str, Path] 
 
 def prediction_bytes(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "predictions").glob("*.jsonl"))}
+
+
+# What a resumed run shares with the run that was never stopped.
+RESUME_COMPARED = ("dev", "test", "history", "best_epoch", "epochs_run", "collapsed")
+
+
+def run_results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    """A resumed run completed with the uninterrupted run's results and prediction bytes."""
+    a, b = run_results(resumed), run_results(uninterrupted)
+    assert a["status"] == "completed"
+    assert {k: a[k] for k in RESUME_COMPARED} == {k: b[k] for k in RESUME_COMPARED}
+    assert prediction_bytes(resumed) == prediction_bytes(uninterrupted)

@@ -107,14 +107,21 @@ class EpochPermutation(Sampler[int]):
         return self.n
 
 
-def rng_state() -> dict:
-    """Python, NumPy and torch (CPU and CUDA) RNG states, as plain lists and tensors."""
-    np_state = np.random.get_state()
+def rng_snapshot() -> tuple:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as the libraries return them: cheap
+    enough to take at every training step; `rng_state` turns one into its saved form."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def rng_state(snapshot: tuple | None = None) -> dict:
+    """`snapshot` (taken now when None) as plain lists and tensors."""
+    python, np_state, torch_state, cuda = snapshot if snapshot is not None else rng_snapshot()
     return {
-        "python": _to_lists(random.getstate()),
+        "python": _to_lists(python),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "torch": torch_state,
+        "cuda": cuda,
     }
 
 

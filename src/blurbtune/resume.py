@@ -41,7 +41,7 @@ from blurbtune import stopping
 from blurbtune.checkpoints import FOLDER, LAST, RunCheckpointIO, best_file, load, remove
 from blurbtune.console import epoch_label
 from blurbtune.errors import BlurbtuneError
-from blurbtune.reproducibility import rng_state, set_rng_state
+from blurbtune.reproducibility import rng_snapshot, rng_state, set_rng_state
 from blurbtune.settings import checkpoint_interval
 
 log = logging.getLogger("blurbtune")
@@ -182,7 +182,8 @@ class Resumable(pl.Callback):
                            checkpoint: dict) -> None:
         # A step dropped by a stop had drawn random numbers: the state as it started is saved.
         start = self._step_start if self._step_start is not None else _rng_states(pl_module)
-        checkpoint["blurbtune_resume"] = {"rng": start["rng"], "epoch": trainer.current_epoch,
+        checkpoint["blurbtune_resume"] = {"rng": rng_state(start["rng"]),
+                                          "epoch": trainer.current_epoch,
                                           "batches_done": self._batches_done}
         records = [{**m.state_dict(), "trained_epoch": pl_module.trained_epoch}
                    for m in pl_module.members]
@@ -332,5 +333,5 @@ class Resumable(pl.Callback):
 def _rng_states(pl_module: Any) -> dict:
     """The random states a checkpoint keeps: the process's, and a stack's members'."""
     stack = pl_module.stack
-    return {"rng": rng_state(),
+    return {"rng": rng_snapshot(),
             "generators": stack.generator_states(pl_module.device) if stack else None}
