@@ -130,7 +130,7 @@ def _each(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         with drawing_from(generator):
             out = _sdpa(query[k][..., :n, :], key[k][..., :n, :], value[k][..., :n, :], own,
                         p, scale)
-        outs.append(F.pad(out, (0, 0, 0, length - n)))
+        outs.append(out if n == length else F.pad(out, (0, 0, 0, length - n)))
     return torch.stack(outs)
 
 
